@@ -1,0 +1,35 @@
+"""Reversible ops on tensors described as byte ranges; no knowledge of models."""
+
+from .ops import (
+    Concat,
+    Dequantize,
+    NotReversible,
+    Rename,
+    Split,
+    Stack,
+    Transpose,
+    Unstack,
+    even_split,
+    rename_all,
+    unrename_all,
+)
+from .refs import DTYPE_SIZES, ByteTensor, LayoutError, Segment, itemsize
+
+__all__ = [
+    "ByteTensor",
+    "Concat",
+    "DTYPE_SIZES",
+    "Dequantize",
+    "LayoutError",
+    "NotReversible",
+    "Rename",
+    "Segment",
+    "Split",
+    "Stack",
+    "Transpose",
+    "Unstack",
+    "even_split",
+    "itemsize",
+    "rename_all",
+    "unrename_all",
+]
