@@ -6,6 +6,8 @@ flat memory. Key sets, dtypes and shapes are compared first; then bytes.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +42,6 @@ class VerifyResult:
 
 def _chunks(t: ByteTensor, sources: _Sources, buf: memoryview):
     """Fixed-size chunks of a tensor's bytes (so two sides with different segmentations line up)."""
-    import os
-
     filled = 0
     for seg in t.segments:
         fd = sources.fd(seg.source)
@@ -60,9 +60,14 @@ def _chunks(t: ByteTensor, sources: _Sources, buf: memoryview):
         yield buf[:filled]
 
 
+_local = threading.local()
+
+
 def same_bytes(x: ByteTensor, y: ByteTensor, progress=None) -> bool:
-    size = CHUNK // 2
-    bx, by = memoryview(bytearray(size)), memoryview(bytearray(size))
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = (memoryview(bytearray(CHUNK // 2)), memoryview(bytearray(CHUNK // 2)))
+    bx, by = bufs
     sx, sy = _Sources(), _Sources()
     try:
         for cx, cy in zip(_chunks(x, sx, bx), _chunks(y, sy, by)):

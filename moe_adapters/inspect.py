@@ -1,0 +1,32 @@
+"""What a checkpoint is: family, layout, EP size, experts, MoE layers, tensors and bytes (headers only)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .checkpoint import open_checkpoint
+from .layout import ExpertMap
+from .manifest import check_files
+
+
+def describe(path: str, family: str | None = None) -> dict[str, Any]:
+    ckpt = open_checkpoint(path, family)
+    check_files(ckpt, checksums=False)
+    m = ckpt.manifest or {}
+    emap = ExpertMap(ckpt.family, ckpt.config, num_experts=m.get("num_experts"), moe_layers=m.get("moe_layers"))
+    dtypes = Counter(e.dtype for h in ckpt.headers.values() for e in h.tensors)
+    return {
+        "path": ckpt.root,
+        "family": ckpt.family.name,
+        "layout": ckpt.layout,
+        "ep_size": ckpt.ep_size,
+        "num_experts": emap.num_experts,
+        "moe_layers": emap.moe_layers,
+        "tensors": ckpt.num_tensors,
+        "files": len(ckpt.headers),
+        "bytes": ckpt.total_bytes,
+        "dtypes": dict(dtypes.most_common()),
+        "expert_ranges": m.get("expert_ranges") or [[0, emap.num_experts]],
+        "source_layout": (m.get("source") or {}).get("layout"),
+    }
