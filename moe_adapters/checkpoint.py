@@ -2,6 +2,9 @@
 
 Only headers are read. Paths are checked before anything is opened: an index may not name a file outside the
 folder (no absolute paths, no `..`, no symlink that leads out), and pickle checkpoints are refused, never loaded.
+Every file we open must be a regular file (a FIFO would hang us, a device would feed us endless bytes), every JSON
+file is size-capped and parsed as strict UTF-8, and the index and manifest may not repeat a key (JSON would let
+the last one silently win, hiding a tensor listed twice).
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ from typing import Any
 
 from .families import Family, UnknownFamily, detect, get
 from .errors import CheckpointError, ManifestError
-from .safetensors_file import SafetensorsHeader, TensorEntry, read_header
+from .safetensors_file import (
+    SafetensorsHeader,
+    TensorEntry,
+    DuplicateKey,
+    pread_exact,
+    load_json_strict,
+    open_regular,
+    read_header,
+)
 
 MANIFEST_NAME = "moe_adapters.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -65,17 +76,24 @@ class Checkpoint:
         return sum(len(h.tensors) for h in self.headers.values())
 
 
-def _read_json(path: str) -> tuple[Any, bytes]:
+def read_json(path: str, *, unique_keys: bool = False) -> tuple[Any, bytes]:
+    """Parse a JSON file of the checkpoint: a regular file, at most MAX_JSON_BYTES, UTF-8; typed errors only."""
     try:
-        if os.path.getsize(path) > MAX_JSON_BYTES:
-            raise CheckpointError("JSON file too large", file=path)
-        with open(path, "rb") as f:
-            raw = f.read()
-        return json.loads(raw), raw
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"not valid JSON ({type(e).__name__}: {e})", file=path) from None
+        fd, size = open_regular(path)
+        try:
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"JSON file of {size} bytes exceeds the {MAX_JSON_BYTES}-byte limit", file=path)
+            raw = pread_exact(fd, size, 0)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror or e}", file=path) from None
+    try:
+        return (load_json_strict(raw) if unique_keys else json.loads(raw.decode("utf-8"))), raw
+    except DuplicateKey as e:
+        raise CheckpointError(f"{e.key!r} is listed twice (JSON keys must be unique)"[:300], file=path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"not valid JSON ({type(e).__name__}: {str(e)[:120]})", file=path) from None
 
 
 def _inside(root: str, path: str) -> bool:
@@ -83,25 +101,35 @@ def _inside(root: str, path: str) -> bool:
     real = os.path.realpath(path)
     if os.path.commonpath([root_r, real]) == root_r:
         return True
-    # A Hugging Face cache snapshot links each file to ../../blobs/<hash>: accept exactly that layout.
+    # A Hugging Face cache snapshot (<cache>/models--org--name/snapshots/<rev>/) links each file to
+    # ../../blobs/<hash>: accept exactly that layout, nothing else outside the folder.
     parts = root_r.split(os.sep)
     if "snapshots" in parts:
-        repo = os.sep.join(parts[: parts.index("snapshots")])
-        blobs = os.path.join(repo, "blobs")
-        return os.path.commonpath([blobs, real]) == blobs
+        i = len(parts) - 1 - parts[::-1].index("snapshots")
+        if i >= 1 and parts[i - 1].startswith(("models--", "datasets--", "spaces--")):
+            blobs = os.path.join(os.sep.join(parts[:i]), "blobs")
+            return os.path.commonpath([blobs, real]) == blobs
     return False
+
+
+def is_safe_relname(rel: object) -> bool:
+    """A relative name that stays inside its folder whatever joins it: no absolute path, no `..`, `.` or empty
+    component, no NUL. Used for names read from an index or manifest, which become paths we read or write."""
+    if not isinstance(rel, str) or not rel or len(rel) > 4096 or "\x00" in rel or "\\" in rel:
+        return False
+    return not os.path.isabs(rel) and all(p not in ("", ".", "..") for p in rel.split("/"))
 
 
 def safe_member(root: str, rel: str, *, what: str) -> str:
     """The path of `rel` inside `root`, refusing absolute paths, `..` and links that lead outside."""
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")):
-        raise CheckpointError(f"{what} names an absolute or empty path {rel!r}", file=root)
+        raise CheckpointError(f"{what} names an absolute or empty path {rel!r}"[:300], file=root)
     norm = os.path.normpath(rel)
-    if norm.startswith("..") or ".." in norm.split(os.sep) or "\x00" in rel:
-        raise CheckpointError(f"{what} names a path outside the checkpoint: {rel!r}", file=root)
+    if norm == ".." or norm.startswith("../") or "\x00" in rel or len(rel) > 4096:
+        raise CheckpointError(f"{what} names a path outside the checkpoint: {rel!r}"[:300], file=root)
     path = os.path.join(root, norm)
     if not _inside(root, path):
-        raise CheckpointError(f"{what} {rel!r} is a link leading outside the checkpoint", file=root)
+        raise CheckpointError(f"{what} {rel!r} is a link leading outside the checkpoint"[:300], file=root)
     return path
 
 
@@ -114,16 +142,28 @@ def _find_index(root: str, names: list[str]) -> str | None:
     return idx[0] if idx else None
 
 
+def _raise(e: OSError) -> None:
+    raise CheckpointError(f"cannot list: {e.strerror or e}", file=e.filename)
+
+
 def _other_files(root: str, skip: set[str]) -> list[str]:
+    """Files to carry over verbatim (config, tokenizer, ...). Each must be a regular file inside the folder: a link
+    leading out would copy a file from elsewhere on the machine (a key, a password file) into DST, maybe onto the
+    Hub; an unreadable subfolder or a dangling link would silently leave DST incomplete."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") or d == ".")
         for fn in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, fn), root)
+            path = os.path.join(dirpath, fn)
+            rel = os.path.relpath(path, root)
             if rel in skip or fn.endswith(".safetensors") or fn.endswith(PICKLE_SUFFIXES):
                 continue
             if fn.startswith(".") or ".tmp-moe_adapters" in rel:
                 continue
+            if not _inside(root, path):
+                raise CheckpointError("a link leading outside the checkpoint", file=path)
+            if not os.path.isfile(path):
+                raise CheckpointError("not a regular file (dangling link, FIFO or device?)", file=path)
             out.append(rel)
     return out
 
@@ -133,6 +173,10 @@ def _pick_family(cfg: dict[str, Any], family: str | None, path: str) -> Family:
         return get(family) if family else detect(cfg)
     except UnknownFamily as e:
         raise CheckpointError(str(e), file=path) from None
+    except (TypeError, ValueError, AttributeError):  # e.g. "architectures": 5 or [1, 2]
+        raise CheckpointError(
+            "model_type or architectures in config.json is malformed; pass --family NAME", file=path
+        ) from None
 
 
 def open_checkpoint(path: str, family: str | None = None) -> Checkpoint:
@@ -142,38 +186,45 @@ def open_checkpoint(path: str, family: str | None = None) -> Checkpoint:
         raise CheckpointError("not a folder" if os.path.exists(root) else "no such folder", file=path)
     names = sorted(os.listdir(root))
     cfg_path = os.path.join(root, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.lexists(cfg_path):
         raise CheckpointError("no config.json: cannot tell the model family", file=path)
-    config, _ = _read_json(cfg_path)
+    safe_member(root, "config.json", what="config")
+    config, _ = read_json(cfg_path)
     if not isinstance(config, dict):
         raise CheckpointError("config.json is not a JSON object", file=cfg_path)
 
     manifest = None
     if MANIFEST_NAME in names:
-        manifest, _ = _read_json(os.path.join(root, MANIFEST_NAME))
-        if not isinstance(manifest, dict) or manifest.get("layout") != "fused":
-            raise ManifestError("not a moe-adapters fused manifest", file=os.path.join(root, MANIFEST_NAME))
-        family = family or manifest.get("family")
+        from .manifest import validate_manifest  # manifest imports this module
+
+        mpath = safe_member(root, MANIFEST_NAME, what="manifest")
+        manifest = validate_manifest(read_json(mpath, unique_keys=True)[0], mpath)
+        family = family or manifest["family"]
     fam = _pick_family(config, family, path)
 
     index_name = index_text = None
     file_ranks: dict[str, int | None] = {}
     if manifest is not None:
-        try:
-            for f in manifest["files"]:
-                file_ranks[f["name"]] = f.get("rank")
-        except (KeyError, TypeError):
-            raise ManifestError("manifest has no valid file list", file=os.path.join(root, MANIFEST_NAME)) from None
+        for f in manifest["files"]:
+            file_ranks[f["name"]] = f["rank"]
+        stray = [n for n in names if n.endswith(".safetensors") and n not in file_ranks]
+        if stray:
+            raise ManifestError(
+                "a safetensors file the manifest does not list: the folder was changed after conversion",
+                file=os.path.join(root, stray[0]),
+            )
         weight_map = None
     else:
         index_name = _find_index(root, names)
         weight_map = None
         if index_name is not None:
             index_path = safe_member(root, index_name, what="index")
-            index, index_text = _read_json(index_path)
+            index, index_text = read_json(index_path, unique_keys=True)
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError("index has no valid weight_map", file=index_path)
+            if not weight_map:
+                raise CheckpointError("index lists no tensors", file=index_path)
             for rel in dict.fromkeys(weight_map.values()):
                 file_ranks[rel] = None
         else:
@@ -193,8 +244,9 @@ def open_checkpoint(path: str, family: str | None = None) -> Checkpoint:
     headers: dict[str, SafetensorsHeader] = {}
     for rel in file_ranks:
         fpath = safe_member(root, rel, what="index" if index_name else "manifest" if manifest else "file list")
-        if not os.path.isfile(fpath):
-            raise CheckpointError("listed in the index but missing", file=fpath)
+        if not os.path.lexists(fpath):
+            where = "index" if index_name else "manifest" if manifest else "folder"
+            raise CheckpointError(f"listed in the {where} but missing", file=fpath)
         headers[rel] = read_header(fpath)
 
     if weight_map is not None:

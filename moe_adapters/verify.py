@@ -2,6 +2,11 @@
 
 Both sides are streamed as byte ranges in chunks, whatever their layouts, so verification runs at disk speed in
 flat memory. Key sets, dtypes and shapes are compared first; then bytes.
+
+A fused side is also checked against its own manifest: sizes up front, and the sha256 of every file, hashed in the
+same worker pool as the comparison. So `verify` reports a fused folder changed after conversion even when the
+other side has the same change (e.g. two copies of one damaged folder), at the cost of reading fused files twice
+(the second read mostly from the page cache).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Any
 
 from .converters import ByteTensor
 from .checkpoint import open_checkpoint
-from .execute import CHUNK, _Sources, default_workers, run_parallel
+from .errors import CheckpointError
+from .execute import CHUNK, _Sources, default_workers, hash_file, run_parallel
 from .layout import canonical_view
 from .manifest import check_files
 
@@ -29,10 +35,20 @@ class VerifyResult:
     only_in_a: list[str] = field(default_factory=list)
     only_in_b: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # "name: what differs"
+    checksum_failures: list[str] = field(default_factory=list)  # fused files whose sha256 differs from the manifest
 
     @property
     def identical(self) -> bool:
-        return not (self.only_in_a or self.only_in_b or self.mismatched)
+        return not (self.only_in_a or self.only_in_b or self.mismatched or self.checksum_failures)
+
+    def problems(self) -> list[str]:
+        """Every difference, one line each (for the CLI)."""
+        return (
+            [f"only in {self.a}: {n}" for n in self.only_in_a]
+            + [f"only in {self.b}: {n}" for n in self.only_in_b]
+            + self.mismatched
+            + [f"{p}: sha256 differs from its manifest" for p in self.checksum_failures]
+        )
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -50,7 +66,7 @@ def _chunks(t: ByteTensor, sources: _Sources, buf: memoryview):
             n = min(len(buf) - filled, seg.stop - pos)
             got = os.preadv(fd, [buf[filled : filled + n]], pos)
             if got <= 0:
-                raise EOFError(seg.source)
+                raise CheckpointError(f"file ended early at byte {pos} (truncated while verifying?)", file=seg.source)
             pos += got
             filled += got
             if filled == len(buf):
@@ -63,22 +79,45 @@ def _chunks(t: ByteTensor, sources: _Sources, buf: memoryview):
 _local = threading.local()
 
 
-def same_bytes(x: ByteTensor, y: ByteTensor, progress=None) -> bool:
+def same_bytes(x: ByteTensor, y: ByteTensor, progress=None, sources: _Sources | None = None) -> bool:
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = (memoryview(bytearray(CHUNK // 2)), memoryview(bytearray(CHUNK // 2)))
     bx, by = bufs
-    sx, sy = _Sources(), _Sources()
+    own = sources is None
+    src = sources or _Sources()
     try:
-        for cx, cy in zip(_chunks(x, sx, bx), _chunks(y, sy, by)):
+        for cx, cy in zip(_chunks(x, src, bx), _chunks(y, src, by)):
             if cx != cy:
                 return False
             if progress:
                 progress(len(cx))
         return True
     finally:
-        sx.close()
-        sy.close()
+        if own:
+            src.close()
+
+
+def _batches(names: list[str], sizes: dict[str, int], max_bytes: int = 64 << 20, max_count: int = 1024):
+    """Group tensors into jobs of bounded bytes and count: ~92k tiny tensors must not be 92k thread-pool jobs."""
+    batch: list[str] = []
+    size = 0
+    for n in names:
+        if batch and (size + sizes[n] > max_bytes or len(batch) >= max_count):
+            yield batch
+            batch, size = [], 0
+        batch.append(n)
+        size += sizes[n]
+    if batch:
+        yield batch
+
+
+def _compare_batch(names: list[str], va, vb, progress) -> list[tuple[str, bool]]:
+    sources = _Sources()  # one set of open files per job, not per tensor
+    try:
+        return [(n, same_bytes(va[n], vb[n], progress, sources)) for n in names]
+    finally:
+        sources.close()
 
 
 def verify(a: str, b: str, *, workers: int | None = None, reporter=None, max_report: int = 20) -> VerifyResult:
@@ -100,14 +139,18 @@ def verify(a: str, b: str, *, workers: int | None = None, reporter=None, max_rep
         else:
             to_compare.append(n)
     total = sum(va[n].nbytes for n in to_compare)
+    sums = {ck.headers[f["name"]].path: f for ck in (ca, cb) if ck.manifest for f in ck.manifest["files"]}
     if reporter:
-        reporter.begin("verify", total)
+        reporter.begin("verify", total + sum(f["size"] for f in sums.values()))
     adv = reporter.advance if reporter else None
-    results = run_parallel(
-        [lambda n=n: (n, same_bytes(va[n], vb[n], adv)) for n in to_compare], workers or default_workers()
-    )
+    sizes = {n: va[n].nbytes for n in to_compare}
+    hash_jobs = [lambda p=p, f=f: hash_file(p, adv) == f["sha256"] for p, f in sums.items()]
+    jobs = [lambda b=b: _compare_batch(b, va, vb, adv) for b in _batches(to_compare, sizes)]
+    done = run_parallel(hash_jobs + jobs, workers or default_workers())
+    results = [r for batch in done[len(hash_jobs) :] for r in batch]  # type: ignore[union-attr]
     if reporter:
         reporter.end()
+    res.checksum_failures = [p for p, ok in zip(sums, done) if not ok]
     res.mismatched += [f"{n}: bytes differ" for n, ok in results if not ok]  # type: ignore[misc]
     res.tensors = len(common)
     res.bytes_compared = total
