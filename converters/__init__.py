@@ -3,6 +3,8 @@
 from .ops import (
     Concat,
     Dequantize,
+    DequantizeMXFP4,
+    FP4_VALUES,
     NotReversible,
     Rename,
     Split,
@@ -20,6 +22,8 @@ __all__ = [
     "Concat",
     "DTYPE_SIZES",
     "Dequantize",
+    "DequantizeMXFP4",
+    "FP4_VALUES",
     "LayoutError",
     "NotReversible",
     "Rename",

@@ -224,6 +224,53 @@ class Dequantize:
         raise NotReversible("dequantization rounds: it has no exact inverse")
 
 
+# The 16 values of an FP4 (E2M1) code, as the OCP MX spec and transformers' integrations/mxfp4.py list them.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@dataclass(frozen=True)
+class DequantizeMXFP4:
+    """MXFP4 (gpt-oss) -> a wide dtype: `blocks [..., R, G, 16]` (U8, two FP4 codes per byte, low nibble first) and
+    `scales [..., R, G]` (U8, a power-of-two exponent biased by 127, one per 32 values) -> `[..., R, G * 32]`, then,
+    with `transpose`, dims 1 and 2 swapped (gpt-oss stores `[E, out, in]` blocks for a `[E, in, out]` weight).
+
+    The same operations in the same order as transformers' `integrations/mxfp4.py` `_convert_moe_packed_tensors`
+    (look-up table in the target dtype, `ldexp` in place), so the result is bitwise what transformers computes. One
+    way: the FP4 codes are not recoverable from a rounded wide tensor in general.
+    """
+
+    dtype: str = "bfloat16"
+    transpose: bool = True
+    rows_per_chunk: int = 1 << 20
+
+    def apply_tensors(self, ts: Sequence[Any]) -> list[Any]:
+        import torch
+
+        blocks, scales = ts
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+            raise LayoutError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+        if tuple(blocks.shape[:-1]) != tuple(scales.shape):
+            raise LayoutError(f"MXFP4 blocks {list(blocks.shape)} do not match scales {list(scales.shape)}")
+        dtype = getattr(torch, self.dtype)
+        lut = torch.tensor(FP4_VALUES, dtype=dtype)
+        *prefix, G, B = blocks.shape
+        rows = prod(prefix) * G
+        blk = blocks.reshape(rows, B)
+        exp = scales.to(torch.int32).reshape(rows, 1) - 127
+        out = torch.empty(rows, B * 2, dtype=dtype)
+        for r0 in range(0, rows, self.rows_per_chunk):
+            r1 = min(r0 + self.rows_per_chunk, rows)
+            sub = out[r0:r1]
+            sub[:, 0::2] = lut[(blk[r0:r1] & 0x0F).to(torch.int)]
+            sub[:, 1::2] = lut[(blk[r0:r1] >> 4).to(torch.int)]
+            torch.ldexp(sub, exp[r0:r1], out=sub)
+        out = out.reshape(*prefix, G * B * 2)
+        return [out.transpose(1, 2).contiguous() if self.transpose else out]
+
+    def inverse(self) -> "DequantizeMXFP4":
+        raise NotReversible("MXFP4 dequantization has no exact inverse")
+
+
 def check_pattern(pattern: str) -> re.Pattern[str]:
     """Compile a declaration template such as 'model.layers.{L}.mlp.experts.{E}.{proj}' into a regex."""
     rx = re.escape(pattern)

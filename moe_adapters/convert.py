@@ -14,9 +14,13 @@ from .converters import ByteTensor
 from .atomic import AtomicFolder
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ModelError
-from .execute import default_workers, hash_file, run_parallel, write_files
+from .distributed import Share, timeout_seconds
+from .execute import SourceTensorHashes, Written, default_workers, write_files
 from .layout import ExpertMap, FusedTensors, canonical_view, full_fused_view, fuse
-from .manifest import build_manifest, check_files, source_record, write_manifest
+from .manifest import build_manifest, check_files, copy_checked, source_pinned, source_record, write_manifest
+from .provenance import build_provenance, origin_of, write_provenance
+from .computed import release
+from .transforms import cast, dequantize as dequantize_weights
 from .plan import DEFAULT_SHARD_BYTES, OutFile, layout_file, rebuild_file, shard
 
 
@@ -96,8 +100,22 @@ def plan_hf(canonical: dict[str, ByteTensor], max_shard_bytes: int) -> list[OutF
     return _numbered("model", groups, None)
 
 
-def _copy_other_files(ckpt: Checkpoint, out: str) -> None:
+def _lossy_note(dequantize: str | None, dtype: str | None, config: dict | None = None) -> str:
+    qc = (config or {}).get("quantization_config")
+    method = "MXFP4" if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4" else "FP8"
+    parts = [f"{method} dequantized to {dequantize}" if dequantize else "", f"cast to {dtype}" if dtype else ""]
+    return "; ".join(x for x in parts if x) + ": not byte-identical to the source"
+
+
+def _copy_other_files(ckpt: Checkpoint, out: str, config: dict | None = None) -> None:
+    """Carry config, tokenizer and everything else over unchanged (config.json rewritten only by a lossy transform)."""
+    if config is not None:
+        with open(os.path.join(out, "config.json"), "x") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
     for rel in ckpt.other_files:
+        if config is not None and rel == "config.json":
+            continue
         dst = os.path.join(out, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copyfile(os.path.join(ckpt.root, rel), dst)
@@ -129,8 +147,15 @@ def convert(
     workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     reporter: Reporter | None = None,
+    dequantize: str | None = None,
+    dtype: str | None = None,
 ) -> Summary:
-    """Convert checkpoint folder `src` into `dst` (default: to the other layout). Never writes into `src`."""
+    """Convert checkpoint folder `src` into `dst` (default: to the other layout). Never writes into `src`.
+
+    Lossless unless asked: `dequantize="bf16"` turns FP8 block-scaled (or MXFP4 `_blocks`/`_scales`) weights into
+    bf16 (dropping the scales and `quantization_config`), `dtype` casts floating-point weights. Either makes the
+    result a new checkpoint with no way back to the source bytes, which the manifest then says.
+    """
     t0 = time.perf_counter()
     rep = reporter or _Silent()
     workers = workers or default_workers()
@@ -140,75 +165,88 @@ def convert(
     target = to or ("hf" if ckpt.layout == "fused" else "fused")
     if target not in ("hf", "fused"):
         raise ModelError(f"unknown target layout {target!r} (use fused or hf)")
-    if target == "hf" and ckpt.layout == "hf":
+    lossy = bool(dequantize or dtype)
+    if target == "hf" and ckpt.layout == "hf" and not lossy:
         raise ModelError("already in the hf layout; convert with --to fused", file=ckpt.root)
     if target == "hf" and ep not in (None, 1):
         raise ModelError("--ep applies to the fused layout only")
     canonical, emap = canonical_view(ckpt)
+    config = ckpt.config
+    if dequantize:
+        canonical, config = dequantize_weights(
+            canonical, config, dequantize, transposed=getattr(ckpt.family.experts, "transposed", True)
+        )
+    if dtype:
+        keep = {ckpt.family.router.bias.format(L=L) for L in emap.moe_layers} if ckpt.family.router.bias else set()
+        canonical, config = cast(canonical, config, dtype, keep)
+
+    share = Share.from_env()
+    if target == "fused":
+        ep_size = ep or 1
+        ft = fuse(canonical, emap, ep_size)
+        files = plan_fused(ft, max_shard_bytes)
+        rebuild_from: dict[str, Any] = {}
+        verb = "HF" if ckpt.layout != "fused" else "fused"
+        label = f"{verb} -> fused EP={ep_size}"
+    else:
+        ep_size = 1
+        rebuild_from = {} if lossy else (ckpt.manifest or {}).get("source") or {}
+        if ckpt.layout == "fused" and rebuild_from.get("files"):
+            resolve = _resolver(canonical, emap)
+            files = [rebuild_file(f["name"], f, resolve) for f in rebuild_from["files"]]
+        else:
+            rebuild_from = {}
+            files = plan_hf(canonical, max_shard_bytes)
+        label = f"{ckpt.layout} -> HF"
+    # hash every source tensor as it streams past: the proof of the way back, at no extra read
+    watch = None
+    if target == "fused" and ckpt.manifest is None and not lossy:
+        watch = SourceTensorHashes(
+            {h.path: [(h.data_start + e.begin, h.data_start + e.end, e.name) for e in h.tensors] for h in ckpt.headers.values()}
+        )
+    mine = share.mine(files) if share.active else files
+
+    def write_mine(tmp: str) -> dict[str, Written]:
+        rep.begin(label + (f" (rank {share.rank}/{share.world})" if share.active else ""), sum(f.size for f in mine))
+        try:
+            return write_files(tmp, mine, workers, rep.advance, watch=watch, per_tensor=bool(rebuild_from))
+        finally:
+            rep.end()
 
     checks: list[str] = []
-    source_hashes: dict[str, str] = {}
-    with AtomicFolder(dst, overwrite=overwrite, sources=(ckpt.root,)) as out:
-        if target == "fused":
-            ep_size = ep or 1
-            ft = fuse(canonical, emap, ep_size)
-            files = plan_fused(ft, max_shard_bytes)
-            hash_jobs = []
-            if ckpt.manifest is None:  # record the source's sha256, read in parallel with the copy
-                hash_jobs = [
-                    (lambda rel=rel, h=h: source_hashes.__setitem__(rel, hash_file(h.path, rep.advance)))
-                    for rel, h in ckpt.headers.items()
-                ]
-            total = sum(f.size for f in files) + (ckpt.total_bytes if hash_jobs else 0)
-            rep.begin(f"HF -> fused EP={ep_size}" if ckpt.layout != "fused" else f"fused -> fused EP={ep_size}", total)
-            written: dict = {}
-            run_parallel(
-                [lambda: written.update(write_files(out.tmp, files, workers, rep.advance))] + hash_jobs,
-                2 if hash_jobs else 1,
-            )
-            if ep_size == 1:
-                with open(os.path.join(out.tmp, "model.safetensors.index.json"), "x") as fh:
-                    fh.write(_index_json(files))
-            manifest = build_manifest(
-                family=ckpt.family.name,
-                ep_size=ep_size,
-                num_experts=emap.num_experts,
-                moe_layers=emap.moe_layers,
-                expert_ranges=ft.expert_ranges,
-                files=[(f.name, f.rank, [n for n, _ in f.parts]) for f in files],
-                written=written,
-                source=source_record(ckpt, source_hashes),
-                index="model.safetensors.index.json" if ep_size == 1 else None,
-            )
-            _copy_other_files(ckpt, out.tmp)
-            write_manifest(out.tmp, manifest)
-            direction = f"{ckpt.layout}->fused"
+    try:
+        if share.active and share.rank != 0:
+            tmp = share.tmp_name(dst)
+            share.wait_for_folder(tmp, timeout_seconds())
+            try:
+                written = write_mine(tmp)
+                share.publish(tmp, written, watch.result() if watch else {})
+            except BaseException as exc:
+                share.fail(tmp, str(exc))
+                raise
+            direction = f"{ckpt.layout}->{target} (rank {share.rank} of {share.world}: its share of the files)"
         else:
-            ep_size = 1
-            src_rec = (ckpt.manifest or {}).get("source") or {}
-            if ckpt.layout == "fused" and src_rec.get("files"):
-                resolve = _resolver(canonical, emap)
-                files = [rebuild_file(f["name"], f, resolve) for f in src_rec["files"]]
-                index = src_rec.get("index")
-            else:
-                files = plan_hf(canonical, max_shard_bytes)
-                index = None
-                if len(files) > 1:
-                    index = {"name": "model.safetensors.index.json", "text": _index_json(files)}
-            rep.begin(f"{ckpt.layout} -> HF", sum(f.size for f in files))
-            written = write_files(out.tmp, files, workers, rep.advance)
-            if index:
-                with open(os.path.join(out.tmp, index["name"]), "x", encoding="utf-8", newline="") as fh:
-                    fh.write(index["text"])
-            if ckpt.layout == "fused" and src_rec.get("files"):
-                for f in src_rec["files"]:
-                    if f.get("sha256") and written[f["name"]].sha256 != f["sha256"]:
-                        raise ModelError("rebuilt file differs from the recorded source sha256", file=f["name"])
-                checks.append(f"{len(files)} files match the source's recorded sha256")
-            _copy_other_files(ckpt, out.tmp)
-            direction = f"{ckpt.layout}->hf"
-        rep.end()
-        out.commit()
+            with AtomicFolder(
+                dst, overwrite=overwrite, sources=(ckpt.root,), tmp=share.tmp_name(dst) if share.active else None
+            ) as out:
+                # a fused source not checked tensor by tensor below: its files are hashed against its manifest
+                proven = source_pinned(rebuild_from)
+                written = write_mine(out.tmp) if proven else copy_checked(ckpt, lambda: write_mine(out.tmp))
+                source_hashes = watch.result() if watch else {}
+                if share.active:
+                    theirs, their_hashes = share.gather(out.tmp, timeout_seconds())
+                    written.update(theirs)
+                    for path, d in their_hashes.items():
+                        source_hashes.setdefault(path, {}).update(d)
+                if target == "fused":
+                    _finish_fused(out.tmp, ckpt, emap, ft, files, written, ep_size, config if lossy else None,
+                                  source_record(ckpt, source_hashes) if not lossy else {"lossy": _lossy_note(dequantize, dtype, ckpt.config), "origin": origin_of(ckpt.root)})
+                else:
+                    checks += _finish_hf(out.tmp, ckpt, files, written, rebuild_from, config if lossy else None)
+                out.commit()
+            direction = f"{ckpt.layout}->{target}"
+    finally:
+        release(list(canonical.values()))  # computed (dequantized/cast) tensors are not kept
     return Summary(
         src=ckpt.root,
         dst=os.path.abspath(dst),
@@ -216,10 +254,84 @@ def convert(
         family=ckpt.family.name,
         ep_size=ep_size,
         tensors=sum(len(f.parts) for f in files),
-        files=len(files),
+        files=len(written),
         bytes_written=sum(w.size for w in written.values()),
-        bytes_read=sum(t.nbytes for f in files for _, t in f.parts) + (ckpt.total_bytes if source_hashes else 0),
+        bytes_read=sum(t.nbytes for f in mine for _, t in f.parts),
         seconds=time.perf_counter() - t0,
         peak_rss=peak_rss_bytes(),
         checks=checks,
     )
+
+
+def _finish_fused(
+    tmp: str,
+    ckpt: Checkpoint,
+    emap: ExpertMap,
+    ft: FusedTensors,
+    files: list[OutFile],
+    written: dict[str, Written],
+    ep_size: int,
+    config: dict | None,
+    source: dict[str, Any],
+) -> None:
+    """Index (EP=1), other files, and the manifest, written last."""
+    if ep_size == 1:
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "x") as fh:
+            fh.write(_index_json(files))
+    manifest = build_manifest(
+        family=ckpt.family.name,
+        ep_size=ep_size,
+        num_experts=emap.num_experts,
+        moe_layers=emap.moe_layers,
+        expert_ranges=ft.expert_ranges,
+        files=[(f.name, f.rank, [n for n, _ in f.parts]) for f in files],
+        written=written,
+        source=source,
+        index="model.safetensors.index.json" if ep_size == 1 else None,
+    )
+    _copy_other_files(ckpt, tmp, config)
+    write_manifest(tmp, manifest)
+
+
+def _finish_hf(
+    tmp: str,
+    ckpt: Checkpoint,
+    files: list[OutFile],
+    written: dict[str, Written],
+    rebuild_from: dict[str, Any],
+    config: dict | None,
+) -> list[str]:
+    """Index, other files, provenance; when rebuilding a recorded source, prove every tensor against it."""
+    checks: list[str] = []
+    index = rebuild_from.get("index") if rebuild_from else None
+    if not rebuild_from and len(files) > 1:
+        index = {"name": "model.safetensors.index.json", "text": _index_json(files)}
+    if index:
+        with open(os.path.join(tmp, index["name"]), "x", encoding="utf-8", newline="") as fh:
+            fh.write(index["text"])
+    if rebuild_from:
+        checked = 0
+        for f in rebuild_from["files"]:
+            want = f.get("tensor_sha256") or {}
+            got = written[f["name"]].tensor_sha256
+            for name, digest in want.items():
+                if got.get(name) != digest:
+                    raise ModelError("rebuilt tensor differs from the source's recorded sha256", file=f["name"], tensor=name)
+            checked += len(want)
+        if checked:
+            checks.append(
+                f"{len(files)} files rebuilt with the source's own headers; {checked:,} tensors match the source's "
+                "recorded sha256"
+            )
+    _copy_other_files(ckpt, tmp, config)
+    write_provenance(
+        tmp,
+        build_provenance(  # what `push` verifies against (see provenance.py)
+            family=ckpt.family.name,
+            source=rebuild_from,
+            written=written,
+            checks=checks,
+            converted_from={"path": ckpt.root, "layout": ckpt.layout, "ep_size": ckpt.ep_size},
+        ),
+    )
+    return checks

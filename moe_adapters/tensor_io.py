@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .converters import ByteTensor, Dequantize, Split
+from .converters import ByteTensor, Dequantize, DequantizeMXFP4, Split
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ModelError
 from .execute import _Sources, iter_bytes
@@ -123,12 +123,27 @@ class WeightReader:
         block = tuple((self.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
         deq = Dequantize(block=(int(block[0]), int(block[1])), dtype=str(dtype).removeprefix("torch."))
         p = self.emap.param_by_name.get(name)
-        n = len(p.projs) if p else 1
+        n = len(p.projs) if p and p.projs else 1
         if n == 1:
             return deq.apply_tensors([w, s])[0]
         # A fused gate_up: each projection has its own block grid, so dequantize the parts separately.
         ws, ss = w.chunk(n, dim=-2), s.chunk(n, dim=-2)
         return torch.cat([deq.apply_tensors([wi, si])[0] for wi, si in zip(ws, ss)], dim=-2)
+
+
+    def read_mxfp4(
+        self, name: str, expert_range: tuple[int, int] | None = None, dtype: "torch.dtype | None" = None
+    ) -> "torch.Tensor":
+        """The weight `name` from its MXFP4 `name_blocks` + `name_scales` (gpt-oss's published form), dequantized as
+        transformers does (``DequantizeMXFP4``), in the declared orientation; `expert_range` reads only those experts'
+        rows of blocks and scales."""
+        import torch
+
+        blocks = self.read(name + "_blocks", expert_range)
+        scales = self.read(name + "_scales", expert_range)
+        ex = self.family.experts
+        op = DequantizeMXFP4(dtype=str(dtype or torch.bfloat16).removeprefix("torch."), transpose=ex.transposed)
+        return op.apply_tensors([blocks, scales])[0]
 
 
 def _scale_name(name: str) -> str:

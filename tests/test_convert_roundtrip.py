@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from checkpoints import FAMILIES
 from moe_adapters.checkpoint import open_checkpoint
+from moe_adapters.converters import unrename_all
 from moe_adapters.convert import convert
 from moe_adapters.errors import DestinationError, ModelError
 from moe_adapters.verify import verify
@@ -22,7 +23,7 @@ def file_hashes(folder: str) -> dict[str, str]:
     out = {}
     for name in sorted(os.listdir(folder)):
         p = os.path.join(folder, name)
-        if os.path.isfile(p):
+        if os.path.isfile(p) and not name.startswith("."):  # .moe_adapters_provenance.json: see provenance.py
             out[name] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
 
@@ -65,11 +66,15 @@ def test_reshard_direct_ep4_to_ep2(family, hf_checkpoint, tmp_path):
     layer = fam.moe_layer_ids(hf.config)[0]
     pname = f"{fam.fused_expert_prefix(layer)}.down_proj"
     hf_down = {}
+    stacked_down = unrename_all(fam.renames, pname)  # experts already stacked in the checkpoint: one [E, ...] tensor
     for h in hf.headers.values():
         with safe_open(h.path, "pt") as f:
             for k in f.keys():
-                if k.startswith(fam.hf_expert_prefix(layer) + ".") and k.endswith(f".{fam.experts.down}.weight"):
+                if fam.experts.stacked and k == stacked_down:
+                    hf_down.update(enumerate(f.get_tensor(k)))
+                elif k.startswith(fam.hf_expert_prefix(layer) + ".") and k.endswith(f".{fam.experts.down}.weight"):
                     hf_down[int(k.split(".")[-3])] = f.get_tensor(k)
+    assert sorted(hf_down) == list(range(8))
     for rel, rank in ck.file_ranks.items():
         with safe_open(os.path.join(ep2, rel), "pt") as f:
             if pname in f.keys():
@@ -93,6 +98,9 @@ def test_ep1_fused_loads_strict_into_v5_model(family, hf_checkpoint, tmp_path):
             with safe_open(os.path.join(fused, name), "pt") as f:
                 state.update({k: f.get_tensor(k) for k in f.keys()})
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+    for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():  # ERNIE ties lm_head
+        assert tied not in state
+        state[tied] = state[source]
     model.load_state_dict(state, strict=True)
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     for k, v in ref.state_dict().items():
