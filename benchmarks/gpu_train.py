@@ -1,0 +1,376 @@
+#!/usr/bin/env python3
+"""Full training step (forward + backward + AdamW) of Qwen3-30B-A3B, random weights, on 1 or 4 GPUs: ours with
+expert parallelism against transformers v5's native setups.
+
+Run it (from the repository root, on ``nvidia-h200-x4``):
+
+    python3 benchmarks/gpu_train.py --all --gpus 4 --layers 48            # every setup, one torchrun each, a table
+    python3 benchmarks/gpu_train.py --all --gpus 4 --layers 48 --setups ours,v5_fsdp
+    torchrun --nproc-per-node 4 benchmarks/gpu_train.py --setup ours --layers 48 --ckpt /tmp/q3_L48  # one setup
+
+``--all`` first writes one random checkpoint (``--ckpt``, default ``/tmp/qwen3_30b_a3b_random_L{layers}``; created
+once on GPU 0 with v5's own ``save_pretrained``, about 61 GB at 48 layers: the disk of the x4 machine holds it), so
+every setup trains the same weights from the same files, then runs each setup in its own ``torchrun`` (fresh
+processes, fresh memory) and prints the comparison. Setups (``--setups``):
+
+  ours            ``moe_adapters.AutoModelForCausalLM.from_pretrained(ckpt, ep_size=WORLD)`` (experts_backend
+                  grouped_mm; dispatcher ``auto``: DeepEP when ``deep_ep`` imports, else all_to_all), dense
+                  parameters replicated, ``sync_gradients`` after backward
+  v5_fsdp         ``transformers.AutoModelForCausalLM.from_pretrained(ckpt, distributed_config=
+                  DistributedConfig(fsdp_size=WORLD))``, default experts (grouped_mm)
+  v5_fsdp_ep      ``DistributedConfig(fsdp_size=WORLD, ep_size=WORLD, ep_implementation="all_to_all")`` (transformers
+                  >= 5.23; skipped, with the reason, on older ones: the device image has 5.17, so carry the pinned
+                  wheel and put it first on PYTHONPATH to run this one)
+  v5_fsdp_eager   as v5_fsdp with ``experts_implementation="eager"``
+  ours_ep1 / v5_single   one GPU, for the EP-scaling check (use a depth that fits one GPU: ``--scaling-layers``)
+
+Model: the real Qwen3-30B-A3B config (``--config``, default ``../shared/realmodels/Qwen3-30B-A3B/config.json``; the
+same values are built in, used when that file is absent) with ``num_hidden_layers = --layers``; bf16 parameters,
+AdamW (lr 1e-5, states in the parameter dtype, the same for every setup), SDPA attention, no activation
+checkpointing. Data: ``--batch`` sequences of ``--seq`` random token ids per GPU (different per rank), labels = ids.
+
+Reported per setup (rank 0 gathers every rank): median step time over ``--steps`` steps after ``--warmup``; tokens/s
+per GPU; model TFLOP/s per GPU = tokens/s x (6 x active parameters + 6 x layers x seq x heads x head_dim) / 1e12
+(active = everything but the embedding table, with top_k of num_experts experts per layer; the attention term is
+causal QK^T and AV, forward + backward); peak memory per GPU (max over ranks of ``max_memory_allocated``, reset
+after warmup); the first step's loss (same weights and data across setups, so the losses should agree to bf16
+noise). The driver adds ratios: ours vs the best native v5 setup (target >= 2x), vs v5 eager (>= 3.7x), memory
+vs the best native (<= 0.68x), per-GPU tokens/s vs NeMo AutoModel's published 12,040 tok/s/GPU; and, with
+``--scaling-layers``, per-GPU tokens/s at EP=WORLD vs one GPU (target >= 80%).
+
+Results: one ``RESULT {json}`` line per setup on stdout, ``$OUT/gpu_train_<setup>.json`` when ``OUT`` is set, and
+with ``--all`` a Markdown table (``$OUT/gpu_train.md`` and ``--out PREFIX.md/.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+NEMO_TOK_S_PER_GPU = 12040  # NeMo AutoModel, Qwen3-30B-A3B, 8x H100, EP=8 (published)
+QWEN3_30B_A3B = {  # /work/shared/realmodels/Qwen3-30B-A3B/config.json
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+    "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": False, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+SETUPS = ("ours", "v5_fsdp", "v5_fsdp_ep", "v5_fsdp_eager", "ours_ep1", "v5_single")
+MULTI = ("ours", "v5_fsdp", "v5_fsdp_ep", "v5_fsdp_eager")
+
+
+def load_config_dict(path: str | None, layers: int) -> dict:
+    cfg = dict(QWEN3_30B_A3B)
+    candidates = [path] if path else [os.path.join(ROOT, "..", "shared", "realmodels", "Qwen3-30B-A3B", "config.json"),
+                                      "/work/shared/realmodels/Qwen3-30B-A3B/config.json"]
+    for c in candidates:
+        if c and os.path.isfile(c):
+            with open(c) as f:
+                cfg = json.load(f)
+            break
+    cfg["num_hidden_layers"] = layers
+    cfg["use_cache"] = False
+    return cfg
+
+
+def hf_config(cfg: dict):
+    from transformers import AutoConfig
+
+    d = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")}
+    return AutoConfig.for_model(cfg["model_type"], **d)
+
+
+def flops_per_token(cfg: dict, seq: int) -> float:
+    H, L, I, E, k = (cfg[n] for n in ("hidden_size", "num_hidden_layers", "moe_intermediate_size", "num_experts",
+                                      "num_experts_per_tok"))
+    heads, kv, hd, V = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["vocab_size"]
+    attn = H * heads * hd + 2 * H * kv * hd + heads * hd * H  # q, k, v, o
+    moe_active = k * 3 * H * I + H * E  # top-k experts + router
+    active = L * (attn + moe_active) + H * V  # + lm_head (the embedding lookup is not a matmul)
+    return 6.0 * active + 6.0 * L * seq * heads * hd
+
+
+# --- checkpoint ----------------------------------------------------------------------------------------------------
+
+
+def make_checkpoint(cfg: dict, path: str, seed: int = 0) -> None:
+    """A random-weight checkpoint written by v5's own save_pretrained (built on GPU 0: fast)."""
+    import transformers
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        print(f"checkpoint {path} exists; reused", flush=True)
+        return
+    t0 = time.time()
+    config = hf_config(cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    model.to_empty(device=dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, cfg.get("initializer_range", 0.02), generator=g)
+    model.save_pretrained(path, max_shard_size="5GB")
+    print(f"checkpoint {path} written in {time.time() - t0:.0f} s", flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
+# --- one setup under torchrun --------------------------------------------------------------------------------------
+
+
+def build(setup: str, ckpt: str, world: int, device: torch.device):
+    """(model, after_backward) for this setup; after_backward runs between backward and the optimizer step."""
+    if setup in ("ours", "ours_ep1"):
+        import moe_adapters
+        from moe_adapters.runtime.integration import sync_gradients
+
+        model = moe_adapters.AutoModelForCausalLM.from_pretrained(
+            ckpt, ep_size=world, dtype=torch.bfloat16, device=device, experts_backend="grouped_mm", dispatcher="auto",
+        )
+        return model, (lambda: sync_gradients(model)), f"EP={world}, dispatcher={model.moe_ep.dispatcher}"
+    import transformers
+
+    kw: dict = {"dtype": torch.bfloat16}
+    if setup == "v5_fsdp_eager":
+        kw["experts_implementation"] = "eager"
+    if setup == "v5_single":
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, **kw).to(device)
+        return model, (lambda: None), "1 GPU"
+    try:
+        from transformers import DistributedConfig
+    except ImportError as e:
+        raise RuntimeError(f"transformers {transformers.__version__} has no DistributedConfig") from e
+    fields = getattr(DistributedConfig, "__dataclass_fields__", {})
+    if setup == "v5_fsdp_ep":
+        if "ep_size" not in fields:
+            raise RuntimeError(
+                f"transformers {transformers.__version__}: DistributedConfig has no ep_size (native EP needs >= 5.23)"
+            )
+        dc = DistributedConfig(fsdp_size=world, ep_size=world, ep_implementation="all_to_all")
+    else:
+        dc = DistributedConfig(fsdp_size=world)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, distributed_config=dc, **kw)
+    return model, (lambda: None), repr(dc)
+
+
+def run_setup(args) -> dict:
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    if world > 1 or args.setup not in ("ours_ep1", "v5_single"):
+        dist.init_process_group("nccl", device_id=device)
+    cfg = load_config_dict(args.config, args.layers)
+    result = {"setup": args.setup, "world": world, "layers": args.layers, "seq": args.seq, "batch": args.batch}
+    try:
+        import transformers
+
+        result.update(torch=torch.__version__, transformers=transformers.__version__,
+                      gpu=torch.cuda.get_device_name(device))
+        t0 = time.time()
+        model, after_backward, desc = build(args.setup, args.ckpt, world, device)
+        result["desc"], result["load_s"] = desc, time.time() - t0
+        model.train()
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        g = torch.Generator(device="cpu").manual_seed(1000 + rank)
+        ids = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq), generator=g).to(device)
+        times, losses = [], []
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            if dist.is_initialized():
+                dist.barrier()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            after_backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            b.record()
+            b.synchronize()
+            losses.append(float(loss.detach()))
+            if i >= args.warmup:
+                times.append(a.elapsed_time(b))
+        ms = statistics.median(times)
+        peak = torch.cuda.max_memory_allocated(device) / 1024**3
+        mine = torch.tensor([ms, peak, losses[0]], device=device, dtype=torch.float64)
+        if dist.is_initialized():
+            allv = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(allv, mine)
+        else:
+            allv = [mine]
+        allv = torch.stack(allv).cpu()
+        step_ms = float(allv[:, 0].max())  # the step ends when the slowest rank ends
+        tok = args.batch * args.seq
+        result.update(
+            step_ms=step_ms, tok_s_per_gpu=tok / (step_ms * 1e-3),
+            tflops_per_gpu=tok / (step_ms * 1e-3) * flops_per_token(cfg, args.seq) / 1e12,
+            peak_gib_per_gpu=float(allv[:, 1].max()), first_loss_rank0=float(allv[0, 2]),
+            losses_rank0=losses,
+        )
+    except Exception as e:
+        traceback.print_exc()
+        result["error"] = repr(e)[:500]
+    if rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], f"gpu_train_{args.setup}_w{world}_L{args.layers}.json"), "w") as f:
+                json.dump(result, f, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+# --- driver --------------------------------------------------------------------------------------------------------
+
+
+def launch(setup: str, nproc: int, layers: int, args) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           os.path.abspath(__file__), "--setup", setup, "--layers", str(layers), "--seq", str(args.seq),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--ckpt", ckpt_path(args, layers)]
+    if args.config:
+        cmd += ["--config", args.config]
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.setup_timeout)
+        out = p.stdout + "\n" + p.stderr
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or "") if isinstance(e.stdout, str) else ""
+        return {"setup": setup, "world": nproc, "layers": layers, "error": f"timeout after {args.setup_timeout} s"}
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            r["wall_s"] = time.time() - t0
+            return r
+    tail = "\n".join(out.splitlines()[-15:])
+    print(tail)
+    return {"setup": setup, "world": nproc, "layers": layers, "error": f"no result (rc {p.returncode}): {tail[-300:]}"}
+
+
+def ckpt_path(args, layers: int) -> str:
+    return args.ckpt if (args.ckpt and layers == args.layers) else f"/tmp/qwen3_30b_a3b_random_L{layers}"
+
+
+def table(results: list[dict], args) -> str:
+    lines = [f"# Qwen3-30B-A3B training step, seq {args.seq} x batch {args.batch} per GPU "
+             f"({datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})", "",
+             "| setup | GPUs | layers | step ms | tok/s/GPU | TFLOP/s/GPU | peak GiB/GPU | first loss | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("error"):
+            lines.append(f"| {r['setup']} | {r.get('world')} | {r.get('layers')} | ERROR: {r['error'][:150]} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['setup']} | {r['world']} | {r['layers']} | {r['step_ms']:.0f} | {r['tok_s_per_gpu']:,.0f} | "
+            f"{r['tflops_per_gpu']:.0f} | {r['peak_gib_per_gpu']:.1f} | {r['first_loss_rank0']:.4f} | "
+            f"{r.get('desc', '')[:80]} |"
+        )
+    ok = {r["setup"]: r for r in results if not r.get("error") and r.get("layers") == args.layers}
+    ours = ok.get("ours")
+    natives = [ok[s] for s in ("v5_fsdp", "v5_fsdp_ep") if s in ok]
+    lines.append("")
+    if ours:
+        if natives:
+            best = max(natives, key=lambda r: r["tok_s_per_gpu"])
+            lowest = min(natives, key=lambda r: r["peak_gib_per_gpu"])
+            lines.append(f"- ours vs best native v5 ({best['setup']}): {ours['tok_s_per_gpu'] / best['tok_s_per_gpu']:.2f}x "
+                         f"tokens/s (target >= 2x); memory {ours['peak_gib_per_gpu'] / lowest['peak_gib_per_gpu']:.2f}x "
+                         f"of {lowest['setup']} (target <= 0.68x)")
+        if "v5_fsdp_eager" in ok:
+            lines.append(f"- ours vs v5 eager experts: {ours['tok_s_per_gpu'] / ok['v5_fsdp_eager']['tok_s_per_gpu']:.2f}x "
+                         "(target >= 3.7x)")
+        lines.append(f"- ours vs NeMo AutoModel's 12,040 tok/s/GPU: {ours['tok_s_per_gpu'] / NEMO_TOK_S_PER_GPU:.2f}x")
+    sc = {(r["setup"], r["world"]): r for r in results if not r.get("error") and r.get("layers") == args.scaling_layers}
+    if ("ours_ep1", 1) in sc and ("ours", args.gpus) in sc:
+        lines.append(f"- EP scaling at {args.scaling_layers} layers: per-GPU tokens/s at EP={args.gpus} is "
+                     f"{sc[('ours', args.gpus)]['tok_s_per_gpu'] / sc[('ours_ep1', 1)]['tok_s_per_gpu']:.0%} of EP=1 "
+                     "(target >= 80%)")
+    return "\n".join(lines) + "\n"
+
+
+def drive(args) -> int:
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    cfg = load_config_dict(args.config, args.layers)
+    make_checkpoint(cfg, ckpt_path(args, args.layers))
+    results = []
+    for s in setups:
+        if s in MULTI:
+            results.append(launch(s, args.gpus, args.layers, args))
+    if args.scaling_layers:
+        make_checkpoint(load_config_dict(args.config, args.scaling_layers), ckpt_path(args, args.scaling_layers))
+        results.append(launch("ours_ep1", 1, args.scaling_layers, args))
+        results.append(launch("ours", args.gpus, args.scaling_layers, args))
+        if "v5_single" in setups:
+            results.append(launch("v5_single", 1, args.scaling_layers, args))
+    md = table(results, args)
+    print(md)
+    for prefix in ([os.path.join(os.environ["OUT"], "gpu_train")] if os.environ.get("OUT") else []) + (
+        [args.out] if args.out else []
+    ):
+        with open(prefix + ".md", "w") as f:
+            f.write(md)
+        with open(prefix + ".json", "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--all", action="store_true", help="driver: make the checkpoint, run every setup via torchrun")
+    ap.add_argument("--setup", choices=SETUPS, help="run one setup (under torchrun)")
+    ap.add_argument("--setups", default="ours,v5_fsdp,v5_fsdp_ep,v5_fsdp_eager")
+    ap.add_argument("--gpus", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--scaling-layers", type=int, default=0, help="also run EP=1 vs EP=gpus at this depth")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--config", default=None, help="Qwen3-30B-A3B config.json (built-in values when absent)")
+    ap.add_argument("--ckpt", default=None, help="random checkpoint dir (default /tmp/qwen3_30b_a3b_random_L{layers})")
+    ap.add_argument("--setup-timeout", type=float, default=900.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.all:
+        return drive(args)
+    if not args.setup:
+        ap.error("--setup or --all")
+    if not args.ckpt:
+        args.ckpt = f"/tmp/qwen3_30b_a3b_random_L{args.layers}"
+    run_setup(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
