@@ -23,8 +23,8 @@ FAMILY = Family(
     shared=SharedExperts(
         prefix="backbone.layers.{L}.mixer.shared_experts",
         gate=None,
-        intermediate_size="moe_shared_expert_intermediate_size",
-        count="n_shared_experts",
+        intermediate_size="moe_shared_expert_intermediate_size",  # the whole shared MLP's width (v5 does not
+        count=None,  # multiply it by n_shared_experts, unlike DeepSeek)
     ),
     renames=(Rename("backbone.", "model.", anchored=True),),
     description="Nemotron-H: Mamba2/attention/MoE hybrid, 128 non-gated relu2 experts + 1 shared, sigmoid top-6",

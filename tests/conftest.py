@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from checkpoints import FAMILIES, build, build_deepseek_fp8  # noqa: E402
+from checkpoints import FAMILIES, build, build_deepseek_fp8, build_gpt_oss_mxfp4  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,6 +29,8 @@ def hf_checkpoint(tmp_path_factory):
             path = str(tmp_path_factory.mktemp(key) / "ckpt")
             if variant == "fp8":
                 build_deepseek_fp8(path)
+            elif variant == "mxfp4":
+                build_gpt_oss_mxfp4(path)
             elif variant == "tied":
                 build(family, path, tie_word_embeddings=True)
             elif variant == "packed":
