@@ -43,7 +43,7 @@ def build_checkpoint(path: str, max_shard_size: str = "40MB") -> None:
 def _file_hashes(folder: str) -> dict[str, str]:
     out = {}
     for name in sorted(os.listdir(folder)):
-        if name.endswith((".safetensors", ".json")):
+        if name.endswith((".safetensors", ".json")) and not name.startswith("."):  # not the provenance record
             with open(os.path.join(folder, name), "rb") as f:
                 out[name] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
