@@ -164,7 +164,7 @@ class Experts:
     transposed = False
     gate_up = "concat"
     bias = False
-    activation_args: tuple[tuple[str, str], ...] = ()
+    activation_args: tuple[tuple, ...] = ()  # (argument, config field[, default])
 
     @property
     def gated(self) -> bool:
@@ -207,7 +207,8 @@ class StackedExperts:
     bias: bool = False
     quantized: tuple[tuple[str, ...], ...] = ()
     activation: str = "silu"  # "silu", "relu2", ... or "clamped_swiglu" (gpt-oss: needs alpha and limit)
-    activation_args: tuple[tuple[str, str], ...] = ()  # (argument, config field), e.g. (("alpha", "swiglu_alpha"),)
+    # (argument, config field[, default when the config omits it]), e.g. (("alpha", "swiglu_alpha", 1.702),)
+    activation_args: tuple[tuple, ...] = ()
 
     stacked = True
     tensors: tuple[str, ...] = ()  # per-expert tensor kinds: none
@@ -258,6 +259,9 @@ class Router:
     # what v5's router module returns, in order (transformers records router_logits from it by position): "logits",
     # "weights" [T, k], "experts" [T, k], or "scores" [T, E] (the weights scattered into zeros: Llama 4)
     returns: tuple[str, ...] = ("logits", "weights", "experts")
+    # the router linear in fp32 whatever the model dtype (v5 upcasts input and weight: DeepSeek-V2/V3, GLM-4-MoE, dots1,
+    # ERNIE, Nemotron-H); False: in the router weight's dtype, as v5's Qwen/Mixtral routers
+    logits_fp32: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ FAMILY = Family(
     moe_layers=FirstKDense(k="first_k_dense_replace", freq="moe_layer_freq"),
     experts=Experts(prefix="model.layers.{L}.mlp.experts", gate="gate_proj", up="up_proj", down="down_proj"),
     router=Router(
+        logits_fp32=True,
         weight="model.layers.{L}.mlp.gate.weight",
         scoring="sigmoid",
         bias="model.layers.{L}.mlp.gate.e_score_correction_bias",

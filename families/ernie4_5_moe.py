@@ -13,6 +13,7 @@ FAMILY = Family(
     moe_layers=IntervalRange(start="moe_layer_start_index", end="moe_layer_end_index", interval="moe_layer_interval"),
     experts=Experts(prefix="model.layers.{L}.mlp.experts", gate="gate_proj", up="up_proj", down="down_proj"),
     router=Router(
+        logits_fp32=True,
         weight="model.layers.{L}.mlp.gate.weight",
         scoring="softmax",
         bias="model.layers.{L}.mlp.moe_statics.e_score_correction_bias",

@@ -19,7 +19,7 @@ FAMILY = Family(
         bias=True,
         quantized=(("_blocks", "_scales"),),
         activation="clamped_swiglu",
-        activation_args=(("alpha", "swiglu_alpha"), ("limit", "swiglu_limit")),
+        activation_args=(("alpha", "swiglu_alpha", 1.702), ("limit", "swiglu_limit", 7.0)),  # published configs omit alpha
     ),
     router=Router(
         weight="model.layers.{L}.mlp.router.weight",

@@ -12,6 +12,7 @@ FAMILY = Family(
     moe_layers=LayerTypes(list_key="layers_block_type", value="moe", pattern_key="hybrid_override_pattern", char="E"),
     experts=Experts(prefix="backbone.layers.{L}.mixer.experts", up="up_proj", down="down_proj", activation="relu2"),
     router=Router(
+        logits_fp32=True,
         weight="backbone.layers.{L}.mixer.gate.weight",
         scoring="sigmoid",
         bias="backbone.layers.{L}.mixer.gate.e_score_correction_bias",

@@ -93,3 +93,33 @@ def test_spec_rejects_bad_configs():
         RouterSpec(num_experts=4, top_k=5)
     with pytest.raises(ValueError):
         RouterSpec(num_experts=4, top_k=1, scoring="relu")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_router_math_matches_v5(family):
+    """In a bf16 model the router's logits, choices and weights still equal v5's: some v5 routers upcast input and
+    weight to fp32 (DeepSeek, GLM, dots1, ERNIE, Nemotron-H), others run in the model dtype; the declaration says which.
+    A router in the wrong precision flips near-tied choices (seen on an H200 with ERNIE before `logits_fp32`)."""
+    from runtime_helpers import randomize_
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    randomize_(model, seed=3)
+    model = model.to(torch.bfloat16)
+    d = cfg.to_dict()
+    fam = detect(d)
+    layer = fam.moe_layer_ids(d)[0]
+    block = model.get_submodule(block_prefix(fam, layer))
+    ours = build_moe_block(fam, d, layer, template=block).to(torch.bfloat16).eval()
+    v5_router = block.get_submodule(ours._router_name)
+    ours.router.load_state_dict(v5_router.state_dict())
+    x = torch.randn(512, d["hidden_size"], generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    ref = v5_router(x)
+    got = ours.router(x)
+    names = fam.router.returns
+    ref_d, got_d = dict(zip(names, ref)), dict(zip(names, got))
+    assert torch.equal(ref_d["logits"].float(), got_d["logits"].float())
+    if "experts" in ref_d:
+        assert torch.equal(ref_d["experts"], got_d["experts"])

@@ -185,7 +185,7 @@ def build_moe_block(
         transposed=ex.transposed,
         gate_up=ex.gate_up,
         bias=ex.bias,
-        act_args={arg: float(config_value(cfg, key)) for arg, key in ex.activation_args},
+        act_args={a[0]: float(config_value(cfg, a[1], *a[2:])) for a in ex.activation_args},
         scale_input=rd.scale_input,
     )
 

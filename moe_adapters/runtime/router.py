@@ -61,6 +61,7 @@ class RouterSpec:
     input_jitter: tuple[float, ...] = ()  # multiplicative input noise in training (applied by the block)
     scale_input: bool = False  # the weight scales the expert's input (applied by the experts)
     returns: tuple[str, ...] = ("logits", "weights", "experts")  # what forward returns, as v5's router does
+    logits_fp32: bool = False  # the router linear in fp32 (input and weight upcast), as some v5 routers do
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -119,6 +120,7 @@ class RouterSpec:
             input_jitter=tuple(float(config_value(cfg, k, 0.0)) for k in decl.input_jitter),
             scale_input=decl.scale_input,
             returns=tuple(decl.returns),
+            logits_fp32=decl.logits_fp32,
         )
 
 
@@ -135,7 +137,11 @@ def route(
     `hidden` is ``[T, H]``; `weight` is ``[E, H]``; `bias` the selection-only correction bias (``[E]`` or ``[1, E]``);
     `logit_bias` a bias of the router linear; `training` only matters to sparsemixer (sampling).
     """
-    logits = F.linear(hidden.to(weight.dtype), weight, logit_bias)
+    if spec.logits_fp32:
+        lb = logit_bias.float() if logit_bias is not None else None
+        logits = F.linear(hidden.float(), weight.float(), lb)
+    else:
+        logits = F.linear(hidden.to(weight.dtype), weight, logit_bias)
     if spec.scoring == "sparsemixer":
         top_w, top_i = sparsemixer(logits, spec.jitter_eps, training)
         return logits, top_w.float(), top_i
