@@ -4,7 +4,8 @@ Builds Qwen3-30B-A3B-shaped checkpoints (real hidden size 2048, 128 experts, moe
 config with fewer layers, bf16, ~4 GB shards like the real ones) at two sizes, then for each size measures, in
 the same page-cache state (source cached, caches dropped where permitted):
 
-- `cp -r SRC DST` (the floor: the same bytes read and written, no work);
+- `cp -r SRC DST` (the floor: the same bytes read and written, no work), and `cp -r` followed by `sync` (convert
+  fsyncs every file before renaming DST into place, so this is the like-for-like floor);
 - `moe-adapters convert SRC DST --ep 8` (HF -> fused EP=8, sha256 of every written and every source file);
 - transformers: `AutoModelForCausalLM.from_pretrained(SRC)` + `save_pretrained(DST)` (largest size only, unless
   --transformers-all), the way one converts with transformers alone;
@@ -150,7 +151,11 @@ def bench_size(work: str, layers: int, with_transformers: bool, workers: int | N
         build_qwen3_30b_shape(src, layers)
     size = folder_bytes(src)
     rows = []
-    contenders = [("cp -r", lambda dst: ["cp", "-r", src, dst])]
+    contenders = [
+        ("cp -r", lambda dst: ["cp", "-r", src, dst]),
+        # what convert does before its rename: the bytes are on disk, not only in the page cache
+        ("cp -r && sync", lambda dst: ["sh", "-c", 'cp -r "$0" "$1" && sync', src, dst]),
+    ]
     wflag = ["--workers", str(workers)] if workers else []
     contenders.append(("moe-adapters convert --ep 8", lambda dst: moe("convert", src, dst, "--ep", "8", *wflag)))
     if with_transformers:
