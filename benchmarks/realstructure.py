@@ -49,7 +49,8 @@ def read_weight_names(model_dir: str) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def _shrunk(shape: tuple[int, ...], shrink: int) -> tuple[int, ...]:
-    return tuple(max(1, d // shrink) for d in shape)
+    """Large dims divided by `shrink`; small ones (expert counts, block sizes, scale grids) kept as they are."""
+    return tuple(d // shrink if d >= 256 else d for d in shape)
 
 
 def _default_shards(names: list[str], n_files: int) -> dict[str, str]:
@@ -72,8 +73,8 @@ def build(model: str, out: str, *, shrink: int = 256, shards: int | None = None,
     os.makedirs(out)
     config = json.load(open(os.path.join(src, "config.json")))
     for key in SIZE_KEYS:  # the config describes the shrunk tensors, so shape checks hold
-        if isinstance(config.get(key), int):
-            config[key] = max(1, config[key] // shrink)
+        if isinstance(config.get(key), int) and config[key] >= 256:
+            config[key] = config[key] // shrink
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     by_file: dict[str, list[tuple[str, tuple[int, ...], str]]] = {}
