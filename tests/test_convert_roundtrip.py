@@ -174,9 +174,10 @@ def test_deepseek_fp8_with_mtp_layer(hf_checkpoint, tmp_path):
     assert verify(src, fused).identical
 
 
-def test_packed_v5_input(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("family", ["mixtral", "nemotron_h", "phimoe"])  # families whose v5 names are renamed
+def test_packed_v5_input(family, hf_checkpoint, tmp_path):
     """save_pretrained(save_original_format=False) writes v5's fused names; accept it as input."""
-    src, packed = hf_checkpoint("mixtral"), hf_checkpoint("mixtral", "packed")
+    src, packed = hf_checkpoint(family), hf_checkpoint(family, "packed")
     assert open_checkpoint(packed).layout == "packed"
     assert verify(src, packed).identical  # same seed: the same weights in the other form
     fused, hf, back = (str(tmp_path / n) for n in ("fused", "hf", "back"))
