@@ -161,7 +161,7 @@ def convert(
     workers = workers or default_workers()
     ckpt = open_checkpoint(src, family)
     if ckpt.layout == "fused":
-        check_files(ckpt, checksums=False)
+        check_files(ckpt)
     target = to or ("hf" if ckpt.layout == "fused" else "fused")
     if target not in ("hf", "fused"):
         raise ModelError(f"unknown target layout {target!r} (use fused or hf)")

@@ -12,7 +12,7 @@ from .manifest import check_files
 
 def describe(path: str, family: str | None = None) -> dict[str, Any]:
     ckpt = open_checkpoint(path, family)
-    check_files(ckpt, checksums=False)
+    check_files(ckpt)
     m = ckpt.manifest or {}
     emap = ExpertMap(ckpt.family, ckpt.config, num_experts=m.get("num_experts"), moe_layers=m.get("moe_layers"))
     dtypes = Counter(e.dtype for h in ckpt.headers.values() for e in h.tensors)

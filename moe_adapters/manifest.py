@@ -199,9 +199,9 @@ def write_manifest(folder: str, manifest: dict[str, Any]) -> None:
         f.write("\n")
 
 
-def check_files(ckpt: Checkpoint, *, checksums: bool, progress=None) -> None:
-    """A fused folder's files must match its manifest: sizes and tensor counts always (cheap: headers only), the
-    EP=1 index against the files, and sha256 when `checksums` (reads every byte)."""
+def check_files(ckpt: Checkpoint) -> None:
+    """A fused folder's files must match its manifest: sizes, tensor counts and the EP=1 index (cheap: headers
+    only). The sha256 of every file is `checksum_jobs`' work (it reads every byte)."""
     if ckpt.manifest is None:
         return
     mpath = os.path.join(ckpt.root, MANIFEST_NAME)
@@ -213,8 +213,6 @@ def check_files(ckpt: Checkpoint, *, checksums: bool, progress=None) -> None:
             raise ManifestError(f"size {h.size} differs from the manifest's {f['size']} ({mpath})", file=h.path)
         if "tensors" in f and len(h.tensors) != f["tensors"]:
             raise ManifestError(f"holds {len(h.tensors)} tensors, the manifest says {f['tensors']}", file=h.path)
-        if checksums and hash_file(h.path, progress) != f["sha256"]:
-            raise ManifestError(f"sha256 differs from the manifest ({mpath}): the file was changed", file=h.path)
     if ckpt.manifest.get("index"):
         ipath = os.path.join(ckpt.root, ckpt.manifest["index"])
         index, _ = read_json(ipath, unique_keys=True)
@@ -223,12 +221,20 @@ def check_files(ckpt: Checkpoint, *, checksums: bool, progress=None) -> None:
             raise ManifestError("the index does not match the files the manifest lists", file=ipath)
 
 
+def checksum_jobs(ckpt: Checkpoint, progress=None) -> list[tuple[str, Callable[[], bool]]]:
+    """(path, job) for every file a fused folder's manifest lists; a job hashes the file and says whether its sha256
+    matches. Jobs, not results, so a caller can run them in the pool it already has (verify does)."""
+    return [
+        (ckpt.headers[f["name"]].path, lambda f=f: hash_file(ckpt.headers[f["name"]].path, progress) == f["sha256"])
+        for f in (ckpt.manifest or {}).get("files", [])
+    ]
+
+
 def checksum_failures(ckpt: Checkpoint, workers: int, progress=None) -> list[str]:
     """Paths of the fused folder's files whose sha256 differs from the manifest (hashed in parallel)."""
-    files = (ckpt.manifest or {}).get("files", [])
-    jobs = [lambda f=f: hash_file(ckpt.headers[f["name"]].path, progress) != f["sha256"] for f in files]
-    bad = run_parallel(jobs, workers)
-    return [ckpt.headers[f["name"]].path for f, b in zip(files, bad) if b]
+    jobs = checksum_jobs(ckpt, progress)
+    ok = run_parallel([job for _, job in jobs], workers)
+    return [path for (path, _), good in zip(jobs, ok) if not good]
 
 
 def source_pinned(src: dict[str, Any] | None) -> bool:

@@ -20,9 +20,9 @@ from typing import Any
 from .converters import ByteTensor
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError
-from .execute import CHUNK, _Sources, default_workers, hash_file, run_parallel
+from .execute import CHUNK, _Sources, default_workers, run_parallel
 from .layout import canonical_view
-from .manifest import check_files
+from .manifest import check_files, checksum_jobs
 
 
 @dataclass
@@ -120,11 +120,11 @@ def _compare_batch(names: list[str], va, vb, progress) -> list[tuple[str, bool]]
         sources.close()
 
 
-def verify(a: str, b: str, *, workers: int | None = None, reporter=None, max_report: int = 20) -> VerifyResult:
+def verify(a: str, b: str, *, workers: int | None = None, reporter=None) -> VerifyResult:
     t0 = time.perf_counter()
     ca, cb = open_checkpoint(a), open_checkpoint(b)
-    check_files(ca, checksums=False)
-    check_files(cb, checksums=False)
+    check_files(ca)
+    check_files(cb)
     va, _ = canonical_view(ca)
     vb, _ = canonical_view(cb)
     res = VerifyResult(ca.root, cb.root, 0, 0, 0.0)
@@ -139,18 +139,18 @@ def verify(a: str, b: str, *, workers: int | None = None, reporter=None, max_rep
         else:
             to_compare.append(n)
     total = sum(va[n].nbytes for n in to_compare)
-    sums = {ck.headers[f["name"]].path: f for ck in (ca, cb) if ck.manifest for f in ck.manifest["files"]}
-    if reporter:
-        reporter.begin("verify", total + sum(f["size"] for f in sums.values()))
     adv = reporter.advance if reporter else None
+    # fused sides against their manifests, in the same pool (once per file when both sides are one folder)
+    hash_jobs = list(dict(checksum_jobs(ca, adv) + checksum_jobs(cb, adv)).items())
+    if reporter:
+        reporter.begin("verify", total + sum(os.path.getsize(p) for p, _ in hash_jobs))
     sizes = {n: va[n].nbytes for n in to_compare}
-    hash_jobs = [lambda p=p, f=f: hash_file(p, adv) == f["sha256"] for p, f in sums.items()]
     jobs = [lambda b=b: _compare_batch(b, va, vb, adv) for b in _batches(to_compare, sizes)]
-    done = run_parallel(hash_jobs + jobs, workers or default_workers())
+    done = run_parallel([job for _, job in hash_jobs] + jobs, workers or default_workers())
     results = [r for batch in done[len(hash_jobs) :] for r in batch]  # type: ignore[union-attr]
     if reporter:
         reporter.end()
-    res.checksum_failures = [p for p, ok in zip(sums, done) if not ok]
+    res.checksum_failures = [p for (p, _), ok in zip(hash_jobs, done) if not ok]
     res.mismatched += [f"{n}: bytes differ" for n, ok in results if not ok]  # type: ignore[misc]
     res.tensors = len(common)
     res.bytes_compared = total

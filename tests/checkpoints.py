@@ -250,3 +250,15 @@ def build_gpt_oss_mxfp4(path: str, **overrides: Any) -> str:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return path
+
+
+def tensors_of(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in `folder` (tests only: loads them all)."""
+    from safetensors import safe_open
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -13,21 +13,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from checkpoints import tensors_of
+
 from moe_adapters.checkpoint import open_checkpoint
 from moe_adapters.convert import convert
 from moe_adapters.tensor_io import WeightReader
 from moe_adapters.verify import verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tensors_of(folder: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def reference_dequant(w: torch.Tensor, s: torch.Tensor, block: int = 128) -> torch.Tensor:

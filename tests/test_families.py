@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from checkpoints import tensors_of
+
 from moe_adapters.checkpoint import open_checkpoint
 from moe_adapters.converters import ByteTensor, DequantizeMXFP4
 from moe_adapters.convert import convert
@@ -43,15 +45,6 @@ def _hashes(folder: str) -> dict[str, str]:
         for n in sorted(os.listdir(folder))
         if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".")
     }
-
-
-def _tensors(folder: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for n in sorted(os.listdir(folder)):
-        if n.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, n), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 # --- the registry --------------------------------------------------------------------------------------------------
@@ -95,8 +88,8 @@ def test_packed_granitemoe_input_and_stacked_hf_layout(hf_checkpoint, tmp_path):
     assert verify(src, packed).identical
     hf = str(tmp_path / "hf")
     convert(packed, hf, to="hf")
-    assert set(_tensors(hf)) == set(_tensors(src))
-    assert "model.layers.0.block_sparse_moe.input_linear.weight" in _tensors(hf)
+    assert set(tensors_of(hf)) == set(tensors_of(src))
+    assert "model.layers.0.block_sparse_moe.input_linear.weight" in tensors_of(hf)
 
 
 def test_stacked_slices_are_rows_of_the_stored_tensor(hf_checkpoint, tmp_path):
@@ -105,20 +98,20 @@ def test_stacked_slices_are_rows_of_the_stored_tensor(hf_checkpoint, tmp_path):
     src = hf_checkpoint("gpt_oss")
     fused = str(tmp_path / "ep4")
     convert(src, fused, ep=4)
-    want = _tensors(src)
+    want = tensors_of(src)
     ck = open_checkpoint(fused)
     seen = 0
     for rel, rank in ck.file_ranks.items():
         if rank is None:
             continue
-        for name, t in _tensors_of(os.path.join(fused, rel)).items():
+        for name, t in _file_tensors(os.path.join(fused, rel)).items():
             ref = want[name][2 * rank : 2 * rank + 2]
             assert t.dtype == ref.dtype and torch.equal(t.view(torch.uint8), ref.contiguous().view(torch.uint8))
             seen += 1
     assert seen == 4 * 2 * 4  # 4 ranks x 2 layers x (gate_up, its bias, down, its bias)
 
 
-def _tensors_of(path: str) -> dict[str, torch.Tensor]:
+def _file_tensors(path: str) -> dict[str, torch.Tensor]:
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
@@ -234,12 +227,12 @@ def test_mxfp4_dequantize_bf16_conversion(hf_checkpoint, tmp_path):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     src = hf_checkpoint("gpt_oss", "mxfp4")
-    q = _tensors(src)
+    q = tensors_of(src)
     fused1, fused2, hf = (str(tmp_path / n) for n in ("f1", "f2", "hf"))
     convert(src, fused1, ep=1, dequantize="bf16")
     convert(src, fused2, ep=2, dequantize="bf16")
     convert(src, hf, to="hf", dequantize="bf16")
-    deq = _tensors(fused1)
+    deq = tensors_of(fused1)
     for L in (0, 1):
         for w in ("gate_up_proj", "down_proj"):
             name = f"model.layers.{L}.mlp.experts.{w}"
@@ -247,7 +240,7 @@ def test_mxfp4_dequantize_bf16_conversion(hf_checkpoint, tmp_path):
             assert deq[name].dtype == torch.bfloat16
             assert torch.equal(deq[name].view(torch.int16), want.view(torch.int16))
             assert name + "_blocks" not in deq and name + "_scales" not in deq
-    assert set(_tensors(hf)) == set(deq)
+    assert set(tensors_of(hf)) == set(deq)
     assert verify(fused1, fused2).identical and verify(fused1, hf).identical
     for folder in (fused1, hf):
         assert "quantization_config" not in json.load(open(os.path.join(folder, "config.json")))
@@ -257,7 +250,7 @@ def test_mxfp4_dequantize_bf16_conversion(hf_checkpoint, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16)
     assert torch.equal(plain.model.layers[1].mlp.experts.gate_up_proj, deq["model.layers.1.mlp.experts.gate_up_proj"])
     # close to the bf16 weights the fixture was quantized from (FP4: a few bits of mantissa)
-    orig = _tensors(src + ".bf16")["model.layers.0.mlp.experts.down_proj"].float()
+    orig = tensors_of(src + ".bf16")["model.layers.0.mlp.experts.down_proj"].float()
     err = (deq["model.layers.0.mlp.experts.down_proj"].float() - orig).abs().max() / orig.abs().max()
     assert 0 < err < 0.25
 
