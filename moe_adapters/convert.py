@@ -239,8 +239,11 @@ def convert(
                     for path, d in their_hashes.items():
                         source_hashes.setdefault(path, {}).update(d)
                 if target == "fused":
-                    _finish_fused(out.tmp, ckpt, emap, ft, files, written, ep_size, config if lossy else None,
-                                  source_record(ckpt, source_hashes) if not lossy else {"lossy": _lossy_note(dequantize, dtype, ckpt.config), "origin": origin_of(ckpt.root)})
+                    if lossy:  # nothing to rebuild: say so, and where it came from
+                        source = {"lossy": _lossy_note(dequantize, dtype, ckpt.config), "origin": origin_of(ckpt.root)}
+                    else:
+                        source = source_record(ckpt, source_hashes)
+                    _finish_fused(out.tmp, ckpt, emap, ft, files, written, ep_size, config if lossy else None, source)
                 else:
                     checks += _finish_hf(out.tmp, ckpt, files, written, rebuild_from, config if lossy else None)
                 out.commit()
