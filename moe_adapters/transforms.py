@@ -12,7 +12,7 @@ from typing import Any
 from .computed import register
 from .converters import ByteTensor, Dequantize, DequantizeMXFP4
 from .errors import ModelError
-from .tensor_io import TORCH_DTYPES, materialize
+from .tensor_io import TORCH_DTYPES, materialize, torch_dtype
 
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
@@ -30,12 +30,6 @@ def _as_bytes(t: Any) -> memoryview:
     import torch
 
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, TORCH_DTYPES[name])
 
 
 def dequantize_fp8(
@@ -145,7 +139,7 @@ def cast(
         if t.dtype in FLOAT_DTYPES and t.dtype != target and name not in keep and not name.endswith("_scale_inv"):
 
             def produce(ref: ByteTensor = t) -> memoryview:
-                return _as_bytes(materialize(ref).to(_torch_dtype(target)))
+                return _as_bytes(materialize(ref).to(torch_dtype(target)))
 
             out[name] = register(target, t.shape, produce, name)
         else:
