@@ -48,9 +48,11 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -139,14 +141,15 @@ def make_checkpoint(cfg: dict, path: str, seed: int = 0) -> None:
 # --- one setup under torchrun --------------------------------------------------------------------------------------
 
 
-def build(setup: str, ckpt: str, world: int, device: torch.device):
+def build(setup: str, ckpt: str, world: int, device: torch.device, dispatcher: str = "auto"):
     """(model, after_backward) for this setup; after_backward runs between backward and the optimizer step."""
     if setup in ("ours", "ours_ep1"):
         import moe_adapters
         from moe_adapters.runtime.integration import sync_gradients
 
         model = moe_adapters.AutoModelForCausalLM.from_pretrained(
-            ckpt, ep_size=world, dtype=torch.bfloat16, device=device, experts_backend="grouped_mm", dispatcher="auto",
+            ckpt, ep_size=world, dtype=torch.bfloat16, device=device, experts_backend="grouped_mm",
+            dispatcher=dispatcher if world > 1 else "auto",
         )
         return model, (lambda: sync_gradients(model)), f"EP={world}, dispatcher={model.moe_ep.dispatcher}"
     import transformers
@@ -171,7 +174,11 @@ def build(setup: str, ckpt: str, world: int, device: torch.device):
     else:
         dc = DistributedConfig(fsdp_size=world)
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, distributed_config=dc, **kw)
-    return model, (lambda: None), repr(dc)
+    set_fields = {"fsdp_size": dc.fsdp_size}
+    if (getattr(dc, "ep_size", None) or 1) > 1:
+        set_fields.update(ep_size=dc.ep_size, ep_implementation=dc.ep_implementation)
+    desc = "DistributedConfig(" + ", ".join(f"{k}={v!r}" for k, v in set_fields.items()) + ")"
+    return model, (lambda: None), desc + (", eager experts" if setup == "v5_fsdp_eager" else "")
 
 
 def run_setup(args) -> dict:
@@ -180,20 +187,30 @@ def run_setup(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local)
-    device = torch.device("cuda", local)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:  # a CPU dry run (gloo) with a small --config: checks the script end to end without a GPU
+        device = torch.device("cpu")
     if world > 1 or args.setup not in ("ours_ep1", "v5_single"):
-        dist.init_process_group("nccl", device_id=device)
+        if cuda:
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     cfg = load_config_dict(args.config, args.layers)
-    result = {"setup": args.setup, "world": world, "layers": args.layers, "seq": args.seq, "batch": args.batch}
+    name = args.setup + ("_deepep" if args.setup.startswith("ours") and args.dispatcher == "deepep" else "")
+    result = {"setup": name, "world": world, "layers": args.layers, "seq": args.seq, "batch": args.batch}
     try:
         import transformers
 
         result.update(torch=torch.__version__, transformers=transformers.__version__,
-                      gpu=torch.cuda.get_device_name(device))
+                      gpu=torch.cuda.get_device_name(device) if cuda else "cpu")
         t0 = time.time()
-        model, after_backward, desc = build(args.setup, args.ckpt, world, device)
+        model, after_backward, desc = build(args.setup, args.ckpt, world, device, args.dispatcher)
         result["desc"], result["load_s"] = desc, time.time() - t0
+        if rank == 0:
+            print(f"loaded in {result['load_s']:.0f} s: {desc}", flush=True)
         model.train()
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
@@ -202,25 +219,30 @@ def run_setup(args) -> dict:
         ids = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq), generator=g).to(device)
         times, losses = [], []
         for i in range(args.warmup + args.steps):
-            if i == args.warmup:
+            if i == args.warmup and cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
             if dist.is_initialized():
                 dist.barrier()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             after_backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            b.record()
-            b.synchronize()
-            losses.append(float(loss.detach()))
+            if cuda:
+                torch.cuda.synchronize()
             if i >= args.warmup:
-                times.append(a.elapsed_time(b))
+                times.append((time.perf_counter() - t0) * 1e3)
+            losses.append(float(loss.detach()))
+            if rank == 0:
+                print(f"step {i}: {(time.perf_counter() - t0) * 1e3:.0f} ms, loss {losses[-1]:.4f}, "
+                      f"max allocated {torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0:.1f} GiB",
+                      flush=True)
         ms = statistics.median(times)
-        peak = torch.cuda.max_memory_allocated(device) / 1024**3
+        peak = torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else 0.0
         mine = torch.tensor([ms, peak, losses[0]], device=device, dtype=torch.float64)
         if dist.is_initialized():
             allv = [torch.zeros_like(mine) for _ in range(world)]
@@ -242,7 +264,7 @@ def run_setup(args) -> dict:
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
         if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], f"gpu_train_{args.setup}_w{world}_L{args.layers}.json"), "w") as f:
+            with open(os.path.join(os.environ["OUT"], f"gpu_train_{name}_w{world}_L{args.layers}.json"), "w") as f:
                 json.dump(result, f, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -256,30 +278,43 @@ def launch(setup: str, nproc: int, layers: int, args) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            os.path.abspath(__file__), "--setup", setup, "--layers", str(layers), "--seq", str(args.seq),
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--ckpt", ckpt_path(args, layers)]
+           "--ckpt", ckpt_path(args, layers), "--dispatcher", args.dispatcher]
     if args.config:
         cmd += ["--config", args.config]
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.time()
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.setup_timeout)
-        out = p.stdout + "\n" + p.stderr
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or "") if isinstance(e.stdout, str) else ""
-        return {"setup": setup, "world": nproc, "layers": layers, "error": f"timeout after {args.setup_timeout} s"}
-    for line in out.splitlines():
+    # output streams through (progress is visible while it runs); the whole process group dies at the timeout
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    timed_out = []
+    timer = threading.Timer(args.setup_timeout, lambda: (timed_out.append(1), os.killpg(p.pid, signal.SIGKILL)))
+    timer.start()
+    lines = []
+    for line in p.stdout:  # type: ignore[union-attr]
+        lines.append(line.rstrip("\n"))
+        if not line.startswith("RESULT "):
+            print(f"  [{setup}] {line}", end="", flush=True)
+    p.wait()
+    timer.cancel()
+    for line in lines:
         if line.startswith("RESULT "):
             r = json.loads(line[len("RESULT "):])
             r["wall_s"] = time.time() - t0
             return r
-    tail = "\n".join(out.splitlines()[-15:])
-    print(tail)
-    return {"setup": setup, "world": nproc, "layers": layers, "error": f"no result (rc {p.returncode}): {tail[-300:]}"}
+    why = f"timeout after {args.setup_timeout:.0f} s" if timed_out else f"no result (rc {p.returncode})"
+    tail = "\n".join(lines[-15:])
+    return {"setup": setup, "world": nproc, "layers": layers, "error": f"{why}: {tail[-300:]}"}
 
 
 def ckpt_path(args, layers: int) -> str:
-    return args.ckpt if (args.ckpt and layers == args.layers) else f"/tmp/qwen3_30b_a3b_random_L{layers}"
+    if args.ckpt and layers == args.layers:
+        return args.ckpt
+    return os.path.join(args.ckpt_dir, f"qwen3_30b_a3b_random_L{layers}")
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")  # peak memory is 0 in a CPU dry run
 
 
 def table(results: list[dict], args) -> str:
@@ -297,42 +332,38 @@ def table(results: list[dict], args) -> str:
             f"{r.get('desc', '')[:80]} |"
         )
     ok = {r["setup"]: r for r in results if not r.get("error") and r.get("layers") == args.layers}
-    ours = ok.get("ours")
+    ours_runs = [ok[s] for s in ("ours", "ours_deepep") if s in ok]
+    ours = max(ours_runs, key=lambda r: r["tok_s_per_gpu"]) if ours_runs else None
     natives = [ok[s] for s in ("v5_fsdp", "v5_fsdp_ep") if s in ok]
     lines.append("")
     if ours:
         if natives:
             best = max(natives, key=lambda r: r["tok_s_per_gpu"])
             lowest = min(natives, key=lambda r: r["peak_gib_per_gpu"])
-            lines.append(f"- ours vs best native v5 ({best['setup']}): {ours['tok_s_per_gpu'] / best['tok_s_per_gpu']:.2f}x "
-                         f"tokens/s (target >= 2x); memory {ours['peak_gib_per_gpu'] / lowest['peak_gib_per_gpu']:.2f}x "
+            lines.append(f"- {ours['setup']} vs best native v5 ({best['setup']}): {_ratio(ours['tok_s_per_gpu'], best['tok_s_per_gpu']):.2f}x "
+                         f"tokens/s (target >= 2x); memory {_ratio(ours['peak_gib_per_gpu'], lowest['peak_gib_per_gpu']):.2f}x "
                          f"of {lowest['setup']} (target <= 0.68x)")
         if "v5_fsdp_eager" in ok:
-            lines.append(f"- ours vs v5 eager experts: {ours['tok_s_per_gpu'] / ok['v5_fsdp_eager']['tok_s_per_gpu']:.2f}x "
+            lines.append(f"- ours vs v5 eager experts: {_ratio(ours['tok_s_per_gpu'], ok['v5_fsdp_eager']['tok_s_per_gpu']):.2f}x "
                          "(target >= 3.7x)")
         lines.append(f"- ours vs NeMo AutoModel's 12,040 tok/s/GPU: {ours['tok_s_per_gpu'] / NEMO_TOK_S_PER_GPU:.2f}x")
-    sc = {(r["setup"], r["world"]): r for r in results if not r.get("error") and r.get("layers") == args.scaling_layers}
+    sc = {(r["setup"], r["world"]): r for r in results
+          if not r.get("error") and args.scaling_layers and r.get("layers") == args.scaling_layers}
     if ("ours_ep1", 1) in sc and ("ours", args.gpus) in sc:
         lines.append(f"- EP scaling at {args.scaling_layers} layers: per-GPU tokens/s at EP={args.gpus} is "
-                     f"{sc[('ours', args.gpus)]['tok_s_per_gpu'] / sc[('ours_ep1', 1)]['tok_s_per_gpu']:.0%} of EP=1 "
+                     f"{_ratio(sc[('ours', args.gpus)]['tok_s_per_gpu'], sc[('ours_ep1', 1)]['tok_s_per_gpu']):.0%} of EP=1 "
                      "(target >= 80%)")
     return "\n".join(lines) + "\n"
 
 
-def drive(args) -> int:
-    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    cfg = load_config_dict(args.config, args.layers)
-    make_checkpoint(cfg, ckpt_path(args, args.layers))
-    results = []
-    for s in setups:
-        if s in MULTI:
-            results.append(launch(s, args.gpus, args.layers, args))
-    if args.scaling_layers:
-        make_checkpoint(load_config_dict(args.config, args.scaling_layers), ckpt_path(args, args.scaling_layers))
-        results.append(launch("ours_ep1", 1, args.scaling_layers, args))
-        results.append(launch("ours", args.gpus, args.scaling_layers, args))
-        if "v5_single" in setups:
-            results.append(launch("v5_single", 1, args.scaling_layers, args))
+def write_report(results: list[dict], args) -> None:
+    seqs = {r.get("seq") for r in results if r.get("seq")}
+    if len(seqs) == 1:  # a merge takes seq and batch from the results
+        args.seq = seqs.pop()
+        args.batch = next(r["batch"] for r in results if r.get("batch"))
+    if args.out:  # the raw results first: a failure in the table loses nothing
+        with open(args.out + ".json", "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
     md = table(results, args)
     print(md)
     for prefix in ([os.path.join(os.environ["OUT"], "gpu_train")] if os.environ.get("OUT") else []) + (
@@ -342,6 +373,34 @@ def drive(args) -> int:
             f.write(md)
         with open(prefix + ".json", "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+def merge(args) -> int:
+    """One table from the result files of several ``--all`` runs (``--merge A.json B.json ...``)."""
+    results: list[dict] = []
+    for path in args.merge:
+        with open(path) as f:
+            data = json.load(f)
+        results += data["results"] if isinstance(data, dict) and "results" in data else [data]
+    write_report(results, args)
+    return 0
+
+
+def drive(args) -> int:
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    results = []
+    if any(s in MULTI for s in setups):
+        make_checkpoint(load_config_dict(args.config, args.layers), ckpt_path(args, args.layers))
+    for s in setups:
+        if s in MULTI:
+            results.append(launch(s, args.gpus, args.layers, args))
+    if args.scaling_layers:
+        make_checkpoint(load_config_dict(args.config, args.scaling_layers), ckpt_path(args, args.scaling_layers))
+        results.append(launch("ours_ep1", 1, args.scaling_layers, args))
+        results.append(launch("ours", args.gpus, args.scaling_layers, args))
+        if "v5_single" in setups:
+            results.append(launch("v5_single", 1, args.scaling_layers, args))
+    write_report(results, args)
     return 0
 
 
@@ -358,16 +417,22 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--config", default=None, help="Qwen3-30B-A3B config.json (built-in values when absent)")
-    ap.add_argument("--ckpt", default=None, help="random checkpoint dir (default /tmp/qwen3_30b_a3b_random_L{layers})")
+    ap.add_argument("--ckpt", default=None, help="random checkpoint dir (default CKPT_DIR/qwen3_30b_a3b_random_L{layers})")
+    ap.add_argument("--ckpt-dir", default="/tmp", help="where random checkpoints are written")
     ap.add_argument("--setup-timeout", type=float, default=900.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dispatcher", default="auto", choices=("auto", "all_to_all", "deepep"),
+                    help="ours: how tokens reach the experts (auto: DeepEP when it imports)")
+    ap.add_argument("--merge", nargs="+", default=None, help="only print one table from these result JSON files")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.all:
         return drive(args)
     if not args.setup:
         ap.error("--setup or --all")
     if not args.ckpt:
-        args.ckpt = f"/tmp/qwen3_30b_a3b_random_L{args.layers}"
+        args.ckpt = ckpt_path(args, args.layers)
     run_setup(args)
     return 0
 
