@@ -242,6 +242,8 @@ def run_setup(args) -> dict:
                       f"max allocated {torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0:.1f} GiB",
                       flush=True)
         ms = statistics.median(times)
+        if os.environ.get("GPU_TRAIN_PROFILE") or os.path.exists(f"/tmp/gpu_train_profile_{name}"):
+            profile_step(model, ids, after_backward, opt, rank, name, cuda)
         peak = torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else 0.0
         mine = torch.tensor([ms, peak, losses[0]], device=device, dtype=torch.float64)
         if dist.is_initialized():
@@ -269,6 +271,34 @@ def run_setup(args) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def profile_step(model, ids, after_backward, opt, rank: int, name: str, cuda: bool) -> None:
+    """One more step under torch.profiler: where the time goes (rank 0 prints and saves the table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        after_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+    if rank == 0:
+        avg = prof.key_averages()
+        table = ""
+        for key in (("self_device_time_total", "self_cuda_time_total") if cuda else ()) + ("self_cpu_time_total",):
+            try:
+                table = avg.table(sort_by=key, row_limit=45, max_name_column_width=70)
+                break
+            except Exception:  # sort keys were renamed across torch versions
+                continue
+        print(table, flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], f"profile_{name}.txt"), "w") as f:
+                f.write(table)
 
 
 # --- driver --------------------------------------------------------------------------------------------------------
