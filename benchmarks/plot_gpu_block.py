@@ -27,7 +27,8 @@ def main(src: str, dst: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("tokens per step")
         ax.set_ylabel("thousand tokens/s (fwd+bwd, one MoE block)")
-        ax.set_title(f"{model} block, {data['env'].get('gpu', '')}, bf16")
+        env = data["env"]
+        ax.set_title(f"{model} block, {env.get('gpu', '')}, bf16, transformers {env.get('transformers', '?')}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
