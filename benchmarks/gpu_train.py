@@ -242,9 +242,9 @@ def run_setup(args) -> dict:
                       f"max allocated {torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0:.1f} GiB",
                       flush=True)
         ms = statistics.median(times)
+        peak = torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else 0.0  # before any profiled step
         if os.environ.get("GPU_TRAIN_PROFILE") or os.path.exists(f"/tmp/gpu_train_profile_{name}"):
             profile_step(model, ids, after_backward, opt, rank, name, cuda)
-        peak = torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else 0.0
         mine = torch.tensor([ms, peak, losses[0]], device=device, dtype=torch.float64)
         if dist.is_initialized():
             allv = [torch.zeros_like(mine) for _ in range(world)]
