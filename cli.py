@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import threading
 from typing import Any, Callable, Optional
@@ -195,14 +196,20 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     out.print(t)
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
+    """``5GB``, ``500MB``, ``64KiB``, ``1000``: a positive whole number of bytes (one `error:` line otherwise)."""
+    from moe_adapters.errors import OptionError
+
     units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
     s = text.strip().upper()
     num = s.rstrip("KMGIB")
     try:
-        return int(float(num) * units[s[len(num) :]])
+        value = float(num) * units[s[len(num) :]]
     except (ValueError, KeyError):
-        raise typer.BadParameter(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+        raise OptionError(f"{option}: not a size: {text!r} (e.g. 5GB, 500MB)") from None
+    if not math.isfinite(value) or value < 1:
+        raise OptionError(f"{option}: must be a positive size, not {text!r} (e.g. 5GB, 500MB)")
+    return int(value)
 
 
 @app.command(
@@ -318,7 +325,9 @@ def convert(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel I/O threads."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output file, e.g. 5GB or 500MB."),
+    max_shard_size: str = typer.Option(
+        "5GB", "--max-shard-size", help="Most tensor bytes per output file, e.g. 5GB or 500MB (headers add a little)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
     dequantize: Optional[str] = typer.Option(
@@ -361,7 +370,12 @@ def convert(
             ("throughput", f"{s.gbps:.2f} GB/s"),
             ("peak RSS", f"{s.peak_rss / 2**20:.0f} MiB"),
         ]
-        + [("check", c) for c in s.checks],
+        + [("check", c) for c in s.checks]
+        + (
+            [("left out", "not in the index, not copied: " + ", ".join(s.left_out[:8]) + (" ..." if len(s.left_out) > 8 else ""))]
+            if s.left_out
+            else []
+        ),
     )
 
 
@@ -378,6 +392,10 @@ def verify(
     a: str = typer.Argument(..., help="First checkpoint (any layout; folder or Hub id ORG/NAME\\[@REVISION])."),
     b: str = typer.Argument(..., help="Second checkpoint (any layout; folder or Hub id ORG/NAME\\[@REVISION])."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel I/O threads."),
+    family: Optional[str] = typer.Option(
+        None, "--family", help="Family name, when config.json is not enough (as for convert).",
+        autocompletion=_complete_family,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Compare two checkpoints bitwise in canonical form. Exit 0 identical, 1 different, 2 bad input."""
@@ -385,7 +403,7 @@ def verify(
 
     local_a, hub_a = _source(a, None, as_json)
     local_b, hub_b = _source(b, None, as_json)
-    r = run(local_a, local_b, workers=workers, reporter=_reporter(as_json))
+    r = run(local_a, local_b, workers=workers, reporter=_reporter(as_json), family=family)
     if as_json:
         _print_json(r.as_dict() | {k: v for k, v in (("hub_a", hub_a), ("hub_b", hub_b)) if v})
     else:
@@ -453,6 +471,10 @@ def push(
     workers: Optional[int] = typer.Option(
         None, "--workers", min=1, help="Parallel I/O threads for verify and hashing."
     ),
+    family: Optional[str] = typer.Option(
+        None, "--family", help="Family name, when config.json is not enough (as for convert).",
+        autocompletion=_complete_family,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (with the model card)."),
 ) -> None:
     """Publish a standard HF checkpoint to the Hub, after proving it identical to its source."""
@@ -473,6 +495,7 @@ def push(
             no_verify=no_verify,
             base_model=base_model,
             workers=workers,
+            family=family,
             reporter=_reporter(as_json),
             say=err.print if talk else (lambda m: None),
         )

@@ -8,7 +8,11 @@ run into that DST removes (it knows the folder is stale: same host, process gone
 
 `--overwrite` moves the old DST aside (`.NAME.old-moe_adapters-...`), renames the new one in and then deletes the
 old one. A kill between the two renames leaves no DST but the old one intact beside it; the next run puts it back
-before doing anything else.
+before doing anything else. An old DST that cannot be fully deleted (a read-only subfolder) is renamed to
+`.NAME.trash-moe_adapters-...`, which nothing ever puts back.
+
+A DST that is empty, or that holds the current directory (`.`, `..`), is refused: replacing it would pull the
+working directory out from under the user.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .errors import DestinationError, MoeAdaptersError
 
 TMP_MARK = ".tmp-moe_adapters-"
 OLD_MARK = ".old-moe_adapters-"
+TRASH_MARK = ".trash-moe_adapters-"
 _WRITE_ERRORS = {errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
 
@@ -60,6 +65,22 @@ def _stale(path: str, mark: str) -> bool:
     return owner is not None and owner[0] == _HOST and not _pid_alive(owner[1])
 
 
+def _discard(path: str) -> None:
+    """Delete a file, link or folder; what cannot be deleted is renamed so that no run ever restores it."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path) and OLD_MARK in os.path.basename(path):
+        try:
+            os.rename(path, path.replace(OLD_MARK, TRASH_MARK))
+        except OSError:
+            pass
+
+
 def _fsync_path(path: str, directory: bool = False) -> None:
     fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
     try:
@@ -82,6 +103,8 @@ class AtomicFolder:
     def __init__(
         self, dst: str, *, overwrite: bool = False, sources: tuple[str, ...] = (), tmp: str | None = None
     ) -> None:
+        if not str(dst).strip():
+            raise DestinationError("empty destination path", file=repr(str(dst)))
         self.dst = os.path.abspath(dst)
         self.overwrite = overwrite
         self.sources = sources
@@ -95,6 +118,12 @@ class AtomicFolder:
         self._lock_path = os.path.join(parent, f".{name}.moe_adapters.lock")
 
     def __enter__(self) -> "AtomicFolder":
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            cwd = None
+        if cwd is not None and _is_within(cwd, self.dst):
+            raise DestinationError("destination holds the current directory; choose another folder", file=self.dst)
         for src in self.sources:
             if _is_within(self.dst, src) or _is_within(src, self.dst):
                 raise DestinationError("destination overlaps the source; choose a folder outside it", file=self.dst)
@@ -166,7 +195,7 @@ class AtomicFolder:
             if not os.path.lexists(self.dst):
                 os.rename(old, self.dst)
             else:  # the new DST was renamed in; the old one was on its way out
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
 
     def _clean_stale(self) -> None:
         """Remove temporary folders of earlier runs into this DST whose process is gone."""
@@ -199,7 +228,7 @@ class AtomicFolder:
         except OSError:
             pass  # the rename happened; only its durability across a power cut is in question
         if backup:
-            shutil.rmtree(backup, ignore_errors=True)
+            _discard(backup)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if os.path.isdir(self.tmp):

@@ -57,6 +57,7 @@ class Checkpoint:
     index_text: bytes | None = None
     manifest: dict[str, Any] | None = None
     other_files: list[str] = field(default_factory=list)  # everything else to carry over (config, tokenizer, ...)
+    left_out: list[str] = field(default_factory=list)  # weight files not in the checkpoint's index: not carried
 
     @property
     def ep_size(self) -> int:
@@ -146,17 +147,25 @@ def _raise(e: OSError) -> None:
     raise CheckpointError(f"cannot list: {e.strerror or e}", file=e.filename)
 
 
-def _other_files(root: str, skip: set[str]) -> list[str]:
+def _other_files(root: str, skip: set[str], left_out: list[str] | None = None) -> list[str]:
     """Files to carry over verbatim (config, tokenizer, ...). Each must be a regular file inside the folder: a link
     leading out would copy a file from elsewhere on the machine (a key, a password file) into DST, maybe onto the
-    Hub; an unreadable subfolder or a dangling link would silently leave DST incomplete."""
+    Hub; an unreadable subfolder or a dangling link would silently leave DST incomplete.
+
+    Weights that are not part of the checkpoint (``*.safetensors`` outside its index, e.g. Mistral's
+    ``consolidated.safetensors``) and any other ``*.safetensors.index.json`` (it would point at files that are not
+    carried) are not copied; their names go to `left_out`, so the caller can say so."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") or d == ".")
         for fn in sorted(filenames):
             path = os.path.join(dirpath, fn)
             rel = os.path.relpath(path, root)
-            if rel in skip or fn.endswith(".safetensors") or fn.endswith(PICKLE_SUFFIXES):
+            if rel in skip or fn.endswith(PICKLE_SUFFIXES):
+                continue
+            if fn.endswith((".safetensors", ".safetensors.index.json")):
+                if left_out is not None and not fn.startswith("."):
+                    left_out.append(rel)
                 continue
             if fn.startswith(".") or ".tmp-moe_adapters" in rel:
                 continue
@@ -284,8 +293,8 @@ def open_checkpoint(path: str, family: str | None = None) -> Checkpoint:
         index_name=index_name,
         index_text=index_text,
         manifest=manifest,
-        other_files=_other_files(root, skip),
     )
+    ckpt.other_files = _other_files(root, skip, ckpt.left_out)
     if manifest is None:
         ckpt.layout = detect_layout(ckpt)
     return ckpt

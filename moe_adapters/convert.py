@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol
 from .converters import ByteTensor
 from .atomic import AtomicFolder
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import ModelError
+from .errors import ModelError, OptionError
 from .distributed import Share, timeout_seconds
 from .execute import SourceTensorHashes, Written, default_workers, write_files
 from .layout import ExpertMap, FusedTensors, canonical_view, full_fused_view, fuse
@@ -61,6 +61,7 @@ class Summary:
     seconds: float
     peak_rss: int
     checks: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # source files not carried (weights outside the index)
 
     @property
     def gbps(self) -> float:
@@ -98,6 +99,13 @@ def plan_hf(canonical: dict[str, ByteTensor], max_shard_bytes: int) -> list[OutF
     if len(groups) == 1:
         return [layout_file("model.safetensors", None, groups[0])]
     return _numbered("model", groups, None)
+
+
+def _is_quantized(canonical: dict, config: dict) -> bool:
+    """FP8 block-scaled (``*_scale_inv``) or MXFP4 (``*_blocks``) weights, or a quantization_config saying so."""
+    return bool(config.get("quantization_config")) or any(
+        n.endswith(("_scale_inv", "_blocks")) for n in canonical
+    )
 
 
 def _lossy_note(dequantize: str | None, dtype: str | None, config: dict | None = None) -> str:
@@ -157,6 +165,7 @@ def convert(
     result a new checkpoint with no way back to the source bytes, which the manifest then says.
     """
     t0 = time.perf_counter()
+    dst_abs = os.path.abspath(dst) if str(dst).strip() else str(dst)  # now: DST may replace the working directory
     rep = reporter or _Silent()
     workers = workers or default_workers()
     ckpt = open_checkpoint(src, family)
@@ -165,20 +174,29 @@ def convert(
     target = to or ("hf" if ckpt.layout == "fused" else "fused")
     if target not in ("hf", "fused"):
         raise ModelError(f"unknown target layout {target!r} (use fused or hf)")
-    lossy = bool(dequantize or dtype)
-    if target == "hf" and ckpt.layout == "hf" and not lossy:
-        raise ModelError("already in the hf layout; convert with --to fused", file=ckpt.root)
     if target == "hf" and ep not in (None, 1):
         raise ModelError("--ep applies to the fused layout only")
     canonical, emap = canonical_view(ckpt)
     config = ckpt.config
     if dequantize:
+        if not _is_quantized(canonical, config):
+            raise OptionError(
+                "--dequantize: nothing here is quantized (no quantization_config, FP8 scales or MXFP4 blocks)",
+                file=ckpt.root,
+            )
         canonical, config = dequantize_weights(
             canonical, config, dequantize, transposed=getattr(ckpt.family.experts, "transposed", True)
         )
     if dtype:
         keep = {ckpt.family.router.bias.format(L=L) for L in emap.moe_layers} if ckpt.family.router.bias else set()
-        canonical, config = cast(canonical, config, dtype, keep)
+        cast_view, cast_config = cast(canonical, config, dtype, keep)
+        if any(cast_view[n] is not canonical[n] for n in canonical):
+            canonical, config = cast_view, cast_config
+        else:
+            dtype = None  # every weight already has that dtype: nothing changes, the way back stays exact
+    lossy = bool(dequantize or dtype)
+    if target == "hf" and ckpt.layout == "hf" and not lossy:
+        raise ModelError("already in the hf layout; convert with --to fused", file=ckpt.root)
 
     share = Share.from_env()
     if target == "fused":
@@ -191,13 +209,16 @@ def convert(
     else:
         ep_size = 1
         rebuild_from = {} if lossy else (ckpt.manifest or {}).get("source") or {}
+        if to == "hf" and rebuild_from.get("layout", "hf") != "hf":
+            rebuild_from = {}  # asked for the per-expert HF layout, not the source's own (v5 packed) files
         if ckpt.layout == "fused" and rebuild_from.get("files"):
             resolve = _resolver(canonical, emap)
             files = [rebuild_file(f["name"], f, resolve) for f in rebuild_from["files"]]
         else:
             rebuild_from = {}
             files = plan_hf(canonical, max_shard_bytes)
-        label = f"{ckpt.layout} -> HF"
+        target = rebuild_from.get("layout", "hf") if rebuild_from else "hf"  # the source's exact files come back
+        label = f"{ckpt.layout} -> {target}"
     # hash every source tensor as it streams past: the proof of the way back, at no extra read
     watch = None
     if target == "fused" and ckpt.manifest is None and not lossy:
@@ -252,7 +273,7 @@ def convert(
         release(list(canonical.values()))  # computed (dequantized/cast) tensors are not kept
     return Summary(
         src=ckpt.root,
-        dst=os.path.abspath(dst),
+        dst=dst_abs,
         direction=direction,
         family=ckpt.family.name,
         ep_size=ep_size,
@@ -263,6 +284,7 @@ def convert(
         seconds=time.perf_counter() - t0,
         peak_rss=peak_rss_bytes(),
         checks=checks,
+        left_out=list(ckpt.left_out),
     )
 
 

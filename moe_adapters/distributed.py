@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DestinationError
+from .errors import DestinationError, OptionError
 from .execute import Written
 from .plan import OutFile
 
 POLL_SECONDS = 0.2
+NOTICE_SECONDS = 15.0  # say what we wait for once this long has passed
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,11 @@ class Share:
 
     @classmethod
     def from_env(cls) -> "Share":
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
         if world <= 1:
             return cls()
-        rank = int(os.environ.get("RANK", "0"))
+        if not 0 <= rank < world:
+            raise OptionError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
         run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MOE_ADAPTERS_RUN_ID")
         if not run or run == "none":
             run = f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
@@ -61,9 +64,21 @@ class Share:
     def _note(self, tmp: str, rank: int, kind: str) -> str:
         return os.path.join(tmp, f".moe_adapters-rank{rank:05d}.{kind}.json")
 
+    def _waiting(self, started: float, what: str) -> float:
+        """Say once, after a while, what this process waits for: a stray WORLD_SIZE otherwise looks like a hang."""
+        if started and time.monotonic() - started > NOTICE_SECONDS:
+            sys.stderr.write(
+                f"moe-adapters: rank {self.rank} of WORLD_SIZE={self.world} is waiting for {what} (a split conversion; "
+                "unset WORLD_SIZE for a one-process run)\n"
+            )
+            return 0.0
+        return started
+
     def wait_for_folder(self, tmp: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        started = time.monotonic()
         while not os.path.isdir(tmp):
+            started = self._waiting(started, "rank 0")
             if time.monotonic() > deadline:
                 raise DestinationError(f"rank 0 did not create the shared temporary folder in {timeout:.0f} s", file=tmp)
             time.sleep(POLL_SECONDS)
@@ -90,9 +105,11 @@ class Share:
         written: dict[str, Written] = {}
         hashes: dict[str, dict[str, str]] = {}
         deadline = time.monotonic() + timeout
+        started = time.monotonic()
         for r in range(1, self.world):
             done, failed = self._note(tmp, r, "done"), self._note(tmp, r, "failed")
             while not os.path.exists(done):
+                started = self._waiting(started, f"rank {r}")
                 if os.path.exists(failed):
                     raise DestinationError(f"rank {r} failed: {json.load(open(failed))['error']}", file=tmp)
                 if time.monotonic() > deadline:
@@ -106,6 +123,14 @@ class Share:
             for path, d in body["source_tensor_sha256"].items():
                 hashes.setdefault(path, {}).update(d)
         return written, hashes
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise OptionError(f"{name}={text!r} in the environment is not a whole number") from None
 
 
 def timeout_seconds() -> float:

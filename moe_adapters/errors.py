@@ -31,6 +31,10 @@ class MoeAdaptersError(Exception):
         return printable(f"{where}: {self.message}" if where else self.message)
 
 
+class OptionError(MoeAdaptersError):
+    """A command-line value that cannot be used (the message names the option)."""
+
+
 class CheckpointError(MoeAdaptersError):
     """Input that is not a valid checkpoint: bad safetensors, bad index, pickle files, unsafe paths."""
 

@@ -260,6 +260,7 @@ def hub_errors(repo_id: str, revision: str | None = None, *, local_hint: str | N
     from huggingface_hub import errors as hf
 
     where = f"{repo_id}@{revision}" if revision else repo_id
+    also = f"; and there is no local folder {local_hint!r}" if local_hint else ""  # a mistyped path looks like an id
     try:
         yield
     except hf.GatedRepoError:
@@ -268,7 +269,6 @@ def hub_errors(repo_id: str, revision: str | None = None, *, local_hint: str | N
             "`hf auth login`)"
         ) from None
     except hf.RepositoryNotFoundError:
-        also = f"; and there is no local folder {local_hint!r}" if local_hint else ""
         raise HubNotFoundError(
             f"no Hub repo {repo_id} at {_endpoint()} (or it is private and the token does not grant access){also}"
         ) from None
@@ -279,7 +279,7 @@ def hub_errors(repo_id: str, revision: str | None = None, *, local_hint: str | N
         if offline():
             raise HubOfflineError(
                 f"{where} is not in the local cache ({_cache()}) and HF_HUB_OFFLINE=1 forbids downloading it: unset "
-                "HF_HUB_OFFLINE, or download it once while online"
+                f"HF_HUB_OFFLINE, or download it once while online{also}"
             ) from None
         status = getattr(getattr(cause, "response", None), "status_code", None)
         if isinstance(cause, hf.HfHubHTTPError) and status in (401, 403):
@@ -287,7 +287,7 @@ def hub_errors(repo_id: str, revision: str | None = None, *, local_hint: str | N
                                "run `hf auth login`") from None
         raise HubOfflineError(
             f"cannot reach the Hub at {_endpoint()} for {where}, and it is not in the local cache ({_cache()}): check "
-            "the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached files only"
+            f"the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached files only{also}"
         ) from None
     except hf.HFValidationError as e:
         raise HubError(f"not a valid Hub repo id {repo_id!r}: {e}") from None

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from .checkpoint import open_checkpoint
-from .layout import ExpertMap
+from .layout import ExpertMap, canonical_view, fuse
 from .manifest import check_files
 
 
@@ -15,6 +15,9 @@ def describe(path: str, family: str | None = None) -> dict[str, Any]:
     check_files(ckpt)
     m = ckpt.manifest or {}
     emap = ExpertMap(ckpt.family, ckpt.config, num_experts=m.get("num_experts"), moe_layers=m.get("moe_layers"))
+    if ckpt.layout != "fused":  # plan the fusion (headers only): a family that does not fit fails as convert would
+        canonical, cmap = canonical_view(ckpt)
+        fuse(canonical, cmap, 1)
     dtypes = Counter(e.dtype for h in ckpt.headers.values() for e in h.tensors)
     return {
         "path": ckpt.root,

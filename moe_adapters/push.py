@@ -100,12 +100,12 @@ def _public(target: Resolved) -> str:
     return f"local folder {os.path.basename(os.path.abspath(target.path))}"
 
 
-def _verify(path: str, target: Resolved, *, workers: int | None, reporter) -> dict[str, Any]:
+def _verify(path: str, target: Resolved, *, workers: int | None, reporter, family: str | None) -> dict[str, Any]:
     from .verify import verify
 
     if os.path.realpath(target.path) == os.path.realpath(path):
         raise PushRefused("cannot verify a folder against itself; name its source with --verify-against", file=path)
-    r = verify(path, target.path, workers=workers, reporter=reporter)
+    r = verify(path, target.path, workers=workers, reporter=reporter, family=family)
     if not r.identical:
         first = (
             [f"only in {path}: {n}" for n in r.only_in_a[:3]]
@@ -345,6 +345,7 @@ def push(
     workers: int | None = None,
     reporter=None,
     say: Callable[[str], None] = lambda m: None,
+    family: str | None = None,
 ) -> PushResult:
     """Verify, then upload `path` to `repo_id` (one commit on `revision`, default main) with a generated model card.
 
@@ -365,7 +366,7 @@ def push(
         if offline():
             raise HubOfflineError("HF_HUB_OFFLINE=1 forbids pushing: unset it to push, or pass --dry-run")
 
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, family)
     if ckpt.layout != "hf":
         raise PushRefused(
             f"a {ckpt.layout} checkpoint: push publishes the standard Hugging Face layout only (one tensor per "
@@ -383,7 +384,7 @@ def push(
     elif verify_against:
         say(f"verifying {path} against {verify_against} ...")
         target = resolve(verify_against, progress=reporter)
-        verification = _verify(ckpt.root, target, workers=workers, reporter=reporter)
+        verification = _verify(ckpt.root, target, workers=workers, reporter=reporter, family=family)
     else:
         if prov is None:
             raise PushRefused(
@@ -393,7 +394,7 @@ def push(
             )
         target, what = _recorded_source(ckpt.root, prov, progress=reporter)
         say(f"verifying {path} against {what}, {target.describe()} ...")
-        verification = _verify(ckpt.root, target, workers=workers, reporter=reporter)
+        verification = _verify(ckpt.root, target, workers=workers, reporter=reporter, family=family)
 
     # 2. hash what is uploaded (LFS needs the sha256; huggingface_hub then does not hash again)
     files, left_out = upload_plan(ckpt)

@@ -120,9 +120,10 @@ def _compare_batch(names: list[str], va, vb, progress) -> list[tuple[str, bool]]
         sources.close()
 
 
-def verify(a: str, b: str, *, workers: int | None = None, reporter=None) -> VerifyResult:
+def verify(a: str, b: str, *, workers: int | None = None, reporter=None, family: str | None = None) -> VerifyResult:
+    """`family`: for checkpoints whose config.json does not name a registered family (as `convert --family`)."""
     t0 = time.perf_counter()
-    ca, cb = open_checkpoint(a), open_checkpoint(b)
+    ca, cb = open_checkpoint(a, family), open_checkpoint(b, family)
     check_files(ca)
     check_files(cb)
     va, _ = canonical_view(ca)
