@@ -217,7 +217,12 @@ def ep_worker(
     `save_dir` is given, a fresh load saved with ``save_pretrained`` (no training in between)."""
     import moe_adapters
     from moe_adapters import tensor_io
-    from moe_adapters.runtime.integration import ExpertParallel, expert_parameters, resident_expert_bytes
+    from moe_adapters.runtime.integration import (
+        ExpertParallel,
+        clip_grad_norm_,
+        expert_parameters,
+        resident_expert_bytes,
+    )
 
     ids, labels = rank_inputs(world)[rank]
     for family, path in ckpts.items():
@@ -246,6 +251,7 @@ def ep_worker(
         out.loss.backward()
         raw_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         wrapped.finish_backward()  # sync_gradients: dense averaged, experts scaled (and summed over EP replicas)
+        grad_norm = clip_grad_norm_(model, float("inf"))  # the whole model's gradient norm; scales by 1 here
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         opt.step()
         result = {
@@ -255,6 +261,7 @@ def ep_worker(
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "expert_names": [n for n, _ in expert_parameters(model)],
             "resident_expert_bytes": resident_expert_bytes(model),
+            "grad_norm": grad_norm,
             "expert_bytes_read": expert_bytes_read,
             "expert_reads": reads,
             "ep": (model.moe_ep.ep_size, model.moe_ep.ep_rank, model.moe_ep.dispatcher, model.moe_ep.experts_backend),

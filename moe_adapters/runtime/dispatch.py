@@ -22,6 +22,7 @@ routing weights), the combine's backward is a dispatch.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +72,12 @@ class _Base:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(experts={self.num_experts}, ep_size={self.ep_size}, ep_rank={self.ep_rank})"
+
+    def __deepcopy__(self, memo: dict) -> "_Base":
+        """Copying a model keeps talking to the same ranks: a process group is shared, never copied."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        return new
 
 
 class LocalDispatcher(_Base):

@@ -250,6 +250,8 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             return False
     elif x.device.type != "cpu":
         return False
+    elif x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False  # torch.compile's fake kernel for grouped_mm accepts bf16 only (eager CPU takes fp32 too)
     size = x.element_size()
     return all((d * size) % 16 == 0 for d in (weight.shape[1], weight.shape[2]))
 
@@ -330,7 +332,7 @@ class TEGroupedLinear:
 BACKENDS = ("auto", "grouped_mm", "te", "loop")
 
 
-def resolve_backend(name: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+def resolve_backend(name: str, x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> str:
     """``auto``: torch's grouped GEMM when it takes these operands, else TE on CUDA when it imports, else the loop.
 
     grouped_mm comes first because it was measured faster: on an H200 (docs/benchmarks.md, TE 2.20.2) our block with
@@ -339,7 +341,7 @@ def resolve_backend(name: str, x: torch.Tensor, weight: torch.Tensor) -> str:
         raise ValueError(f"unknown experts backend {name!r}; one of {', '.join(BACKENDS)}")
     if name != "auto":
         return name
-    if grouped_mm_supported(x, weight):
+    if all(grouped_mm_supported(x, w) for w in (weight, *more)):  # every GEMM's operands (down_proj too)
         return "grouped_mm"
     if x.device.type == "cuda" and te_available():
         return "te"
@@ -664,7 +666,7 @@ class GroupedExperts(nn.Module):
 
     def expert_mlp(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The expert MLPs over rows already grouped by local expert (``counts[e]`` rows for expert e, in order)."""
-        backend = resolve_backend(self.backend, x_sorted, self.in_proj)
+        backend = resolve_backend(self.backend, x_sorted, self.in_proj, self.out_proj)
         linear = self._linear(backend)
         expert_of_row = None
         if self.has_bias:  # v5 adds the bias after the matmul (x @ W + b): so do we, for the same rounding
@@ -694,7 +696,7 @@ class GroupedExperts(nn.Module):
         if plan.n == 0:  # nothing routed here: zeros, with every weight still in the graph (zero gradients)
             zero = sum(p.sum() for p in self.parameters()) * 0 + w_slot.sum() * 0
             return hidden_states.new_zeros(R, hidden_states.shape[-1]) + zero.to(hidden_states.dtype)
-        backend = resolve_backend(self.backend, hidden_states, self.in_proj)
+        backend = resolve_backend(self.backend, hidden_states, self.in_proj, self.out_proj)
         if backend == "grouped_mm" and not self._reference_only:
             gu = _PermuteGateUp.apply(hidden_states, self.in_proj, plan.rows, plan.inv, plan.offs, R, k)
             fold = self.fold_routing_weights

@@ -21,6 +21,7 @@ process's step on the concatenated batch with the mean of the per-rank losses.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -55,6 +56,14 @@ class EPState:
     experts_backend: str
     dequantized: bool = False
     moe_blocks: dict[str, MoEBlock] = field(default_factory=dict)
+
+    def __deepcopy__(self, memo: dict) -> "EPState":
+        """A copied model (a reference or EMA model) shares the process groups and the source reader; its block
+        map points at the copied blocks."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.moe_blocks = copy.deepcopy(self.moe_blocks, memo)
+        return new
 
 
 def _dist_on() -> bool:
@@ -207,9 +216,15 @@ class AutoModelForCausalLM:
         reader = open_reader(path, family)
         fam, cfg_dict = reader.family, reader.config
 
-        config = transformers.AutoConfig.from_pretrained(
-            path, trust_remote_code=hub.get("trust_remote_code", False), **kwargs
-        )
+        user_config = kwargs.pop("config", None)
+        if user_config is not None and not isinstance(user_config, (str, os.PathLike)):
+            config = copy.deepcopy(user_config)  # as transformers: the config given wins over the file's
+            for k, v in kwargs.items():
+                setattr(config, k, v)
+        else:
+            config = transformers.AutoConfig.from_pretrained(
+                user_config or path, trust_remote_code=hub.get("trust_remote_code", False), **kwargs
+            )
         qc = getattr(config, "quantization_config", None)
         fp8_source = qc is not None
         if fp8_source:
@@ -220,7 +235,7 @@ class AutoModelForCausalLM:
                 )
             del config.quantization_config  # we dequantize on load: the model in memory is not quantized
         dtype = _dtype_from(dtype_arg, config, fp8_source)
-        cfg_dict = dict(cfg_dict, **{k: v for k, v in config.to_dict().items() if k in kwargs})
+        cfg_dict = dict(cfg_dict, **_overrides(config, cfg_dict, kwargs, whole=user_config is not None))
 
         ep, ep_rank, ep_group, edp_group, world = _groups(ep_size)
         disp = make_dispatcher(dispatcher, fam.expert_count(cfg_dict), group=ep_group, device=device)
@@ -270,6 +285,20 @@ class AutoModelForCausalLM:
         return model
 
 
+def _overrides(config: Any, file_cfg: dict[str, Any], kwargs: dict[str, Any], whole: bool) -> dict[str, Any]:
+    """The config values that differ from config.json because the caller asked: keyword overrides under their
+    canonical names (``num_experts_per_tok`` is ERNIE's ``moe_k``: v5's ``attribute_map``), or, for a ``config=``
+    object, every value of a config.json key that it changes. The MoE blocks are built from these, so they route
+    exactly as v5's model built from the same config does."""
+    final = config.to_dict()
+    aliases = getattr(type(config), "attribute_map", {}) or {}
+    wanted = {aliases.get(k, k) for k in kwargs} | set(kwargs)
+    out = {k: v for k, v in final.items() if k in wanted}
+    if whole:
+        out.update({k: v for k, v in final.items() if k in file_cfg and file_cfg[k] != v})
+    return out
+
+
 def _load(model: nn.Module, reader: Any, dtype: torch.dtype, device: torch.device, ep: int, ep_rank: int) -> None:
     """Every parameter and persistent buffer from `reader`; expert tensors: this rank's rows only."""
     have = set(reader.fused_names())
@@ -308,17 +337,28 @@ def _load(model: nn.Module, reader: Any, dtype: torch.dtype, device: torch.devic
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
+    """Whether `p` was created as a routed-expert parameter. A marker on the tensor: ``load_state_dict(assign=True)``,
+    ``deepcopy`` or swapped ``.to()`` make new parameters without it, so the functions below ask the modules."""
     return bool(getattr(p, "_moe_expert", False))
+
+
+def _expert_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that live in a routed-experts module (whatever was done to the parameter objects)."""
+    from .experts import GroupedExperts
+
+    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
 
 
 def expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """This rank's routed-expert parameters (not data-parallel inside the EP group)."""
-    return ((n, p) for n, p in model.named_parameters() if is_expert_param(p))
+    ids = _expert_ids(model)
+    return ((n, p) for n, p in model.named_parameters() if id(p) in ids)
 
 
 def dense_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Every other parameter (replicated on every rank, averaged over all ranks)."""
-    return ((n, p) for n, p in model.named_parameters() if not is_expert_param(p))
+    ids = _expert_ids(model)
+    return ((n, p) for n, p in model.named_parameters() if id(p) not in ids)
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor], group: Any, bucket_numel: int = 1 << 25) -> None:
@@ -355,13 +395,14 @@ def sync_gradients(model: nn.Module) -> None:
     if not _dist_on():
         return
     world = dist.get_world_size()
+    expert_ids = _expert_ids(model)
     dense, experts = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        (experts if is_expert_param(p) else dense).append(p.grad)
+        (experts if id(p) in expert_ids else dense).append(p.grad)
     if world > 1:
         _all_reduce_sum(dense, None)
     edp = state.expert_dp_group if state is not None else None
@@ -369,6 +410,40 @@ def sync_gradients(model: nn.Module) -> None:
         _all_reduce_sum(experts, edp)
     for g in dense + experts:
         g.div_(world)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for an expert-parallel model; call it after :func:`sync_gradients`.
+
+    Each rank holds different experts, so the plain function would see a different norm on every rank and scale the
+    replicated dense gradients differently (the dense weights would then drift apart). Here dense gradients (equal on
+    every rank after the sync) count once and expert gradients are summed over the EP group: every rank gets the
+    norm of the whole model's gradient and the same scale. ``norm_type`` 2 or inf. Returns the total norm (fp32).
+    """
+    if norm_type not in (2, 2.0, float("inf")):
+        raise ValueError(f"norm_type must be 2 or inf, got {norm_type}")
+    dense = [p.grad for _, p in dense_parameters(model) if p.grad is not None]
+    experts = [p.grad for _, p in expert_parameters(model) if p.grad is not None]
+    device = next((g.device for g in dense + experts), torch.device("cpu"))
+    inf = norm_type == float("inf")
+
+    def part(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        if inf:
+            return torch.stack([g.detach().abs().max().float() for g in grads]).max()
+        return torch.stack([g.detach().float().square().sum() for g in grads]).sum()
+
+    d, e = part(dense), part(experts)
+    state: EPState | None = getattr(model, "moe_ep", None)
+    if _dist_on() and state is not None and state.ep_size > 1:
+        dist.all_reduce(e, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=state.ep_group)
+    total = torch.maximum(d, e) if inf else (d + e).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in dense + experts:
+        g.mul_(scale.to(g.dtype))
+    return total
 
 
 class ExpertParallel(nn.Module):
@@ -505,18 +580,40 @@ def _gather_experts(t: torch.Tensor, state: EPState) -> torch.Tensor:
 def save_pretrained(
     model: nn.Module,
     save_directory: str | os.PathLike,
-    max_shard_size: int | str = "50GB",
     is_main_process: bool | None = None,
-    **_: Any,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int | str = "50GB",
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    push_to_hub: bool = False,
+    save_original_format: bool = True,
+    **kwargs: Any,
 ) -> None:
     """Write a standard HF checkpoint: per-expert keys under the published names, experts gathered from every rank
     of the EP group. Where the source was an HF checkpoint with the same tensor names, its file names, grouping and
     safetensors metadata are kept (so an untrained round trip reproduces the source files byte for byte).
 
+    Arguments as transformers v5's (same order): ``state_dict`` (this rank's, keyed as ``model.state_dict()``, e.g.
+    EMA weights) replaces the live weights. What this writer cannot do is refused, not ignored: ``variant``,
+    ``push_to_hub`` (use ``moe-adapters push``), ``save_original_format=False``, ``safe_serialization=False``.
+
     Collective: every rank must call it. Global rank 0 (or ``is_main_process``) writes.
     """
     from safetensors.torch import save_file  # noqa: PLC0415
 
+    refused = {
+        "variant": variant is not None,
+        "push_to_hub": bool(push_to_hub),
+        "save_original_format=False": not save_original_format,
+        "safe_serialization=False": not safe_serialization,
+    }
+    refused.update({k: True for k in kwargs if k not in ("token", "save_peft_format", "save_function")})
+    bad = [k for k, v in refused.items() if v]
+    if bad:
+        raise ValueError(
+            f"moe_adapters' save_pretrained does not support {', '.join(bad)}: it writes the published per-expert "
+            "layout as safetensors (publish with `moe-adapters push`)"
+        )
     state: EPState = model.moe_ep
     main = is_main_process if is_main_process is not None else (not _dist_on() or dist.get_rank() == 0)
     save_directory = str(save_directory)
@@ -525,6 +622,11 @@ def save_pretrained(
     items = _published_items(model, state)
     files, index_meta = _plan_files(model, state, items, max_shard_size)
     sd = model.state_dict()
+    if state_dict is not None:
+        if set(state_dict) != set(sd):
+            diff = sorted(set(state_dict) ^ set(sd))
+            raise ValueError(f"state_dict keys differ from the model's (this rank's shard): {diff[:5]}")
+        sd = state_dict
     uses: dict[str, int] = {}
     for _, its, _ in files:
         for it in its:
@@ -576,17 +678,19 @@ def save_pretrained(
 def _num_parameters(model: nn.Module, state: EPState) -> int:
     """Parameters of the whole (unsharded) model, counted as v5's ``num_parameters()`` does (unique, no buffers)."""
     seen: set[int] = set()
+    expert_ids = _expert_ids(model)
     n = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n += p.numel() * (state.ep_size if is_expert_param(p) else 1)
+        n += p.numel() * (state.ep_size if id(p) in expert_ids else 1)
     return n
 
 
 __all__: Iterable[str] = [
     "AutoModelForCausalLM",
+    "clip_grad_norm_",
     "EPState",
     "ExpertParallel",
     "dense_parameters",

@@ -134,6 +134,11 @@ def recordable_as(module: nn.Module, template_cls: type) -> nn.Module:
         cls = type(f"{type(module).__name__}As{template_cls.__name__}", (type(module), template_cls), {})
         _RECORDABLE[key] = cls
     module.__class__ = cls
+    if issubclass(template_cls, nn.Linear):  # PhiMoE's and Llama 4's routers are nn.Linear: code walking Linears
+        w = module.weight  # (v5's _init_weights, PEFT) reads these attributes
+        module.out_features, module.in_features = int(w.shape[0]), int(w.shape[1])
+        if "bias" not in module._parameters and "bias" not in module._buffers:
+            module.bias = None
     return module
 
 
