@@ -37,10 +37,21 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from moe_adapters import __version__
+
+        print(f"moe-adapters {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries; errors only."),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_show_version, is_eager=True
+    ),
 ) -> None:
     _state["debug"] = debug
     _state["quiet"] = quiet
@@ -346,7 +357,7 @@ def convert(
     s = run(
         local_src,
         dst,
-        to=to,
+        to=to.lower() if to else None,
         ep=ep,
         family=family,
         overwrite=overwrite,

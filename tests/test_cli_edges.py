@@ -113,3 +113,9 @@ def test_weights_outside_the_index_are_named_not_silently_dropped(hf_checkpoint,
 def test_inspect_with_a_family_that_does_not_fit_fails(hf_checkpoint):
     p = cli("inspect", hf_checkpoint("qwen3_moe"), "--family", "mixtral", check=2)
     assert one_error_line(p).startswith("error: ")
+
+
+def test_version_and_case_insensitive_layout(hf_checkpoint, tmp_path):
+    assert cli("--version").stdout.startswith("moe-adapters ")
+    s = json.loads(cli("convert", hf_checkpoint("qwen3_moe"), str(tmp_path / "o"), "--to", "FUSED", "--json").stdout)
+    assert s["direction"] == "hf->fused"

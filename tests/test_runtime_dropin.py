@@ -119,3 +119,20 @@ def test_clip_grad_norm_matches_torch_in_one_process(ckpt, norm_type):
     assert rel_err(total, want) <= 1e-6 and total > 0.01  # it did clip
     for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-6, n
+
+
+def test_unusable_options_and_paths_fail_at_load_not_at_forward(ckpt, tmp_path):
+    from moe_adapters.runtime.dispatch import deepep_available
+    from moe_adapters.runtime.experts import te_available
+
+    path = ckpt("qwen3_moe")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        moe_adapters.AutoModelForCausalLM.from_pretrained(str(tmp_path / "no" / "such" / "dir"))
+    if not deepep_available():
+        with pytest.raises(ValueError, match="deep_ep"):
+            moe_adapters.AutoModelForCausalLM.from_pretrained(path, dispatcher="deepep")
+    if not te_available():
+        with pytest.raises(ValueError, match="transformer_engine"):
+            moe_adapters.AutoModelForCausalLM.from_pretrained(path, experts_backend="te")
+    model, info = moe_adapters.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and model.moe_ep.moe_blocks

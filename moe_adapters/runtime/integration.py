@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .dispatch import make_dispatcher
-from .experts import BACKENDS
+from .dispatch import deepep_available, make_dispatcher
+from .experts import BACKENDS, te_available
 from .layer import MoEBlock, block_prefix, build_moe_block
 
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -102,6 +102,12 @@ def _resolve_path(path: str | os.PathLike, revision: str | None, token: Any) -> 
     if os.path.isdir(path):
         return path
     from huggingface_hub import snapshot_download  # noqa: PLC0415
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # noqa: PLC0415
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"{path}: no such checkpoint folder (and not a Hub repo id ORG/NAME)") from None
 
     kw = {"revision": revision, "token": token, "allow_patterns": ["*.json", "*.safetensors", "*.txt", "*.model"]}
     if _dist_on() and dist.get_rank() != 0:
@@ -199,6 +205,11 @@ class AutoModelForCausalLM:
 
         if experts_backend not in BACKENDS:
             raise ValueError(f"experts_backend must be one of {BACKENDS}, got {experts_backend!r}")
+        if experts_backend == "te" and not te_available():
+            raise ValueError("experts_backend='te' needs transformer_engine, which does not import here")
+        if dispatcher == "deepep" and not deepep_available():
+            raise ValueError("dispatcher='deepep' needs deep_ep, which does not import here")
+        loading_info = kwargs.pop("output_loading_info", False)
         for bad in ("device_map", "quantization_config", "tp_plan", "load_in_8bit", "load_in_4bit"):
             if kwargs.get(bad) is not None:
                 raise ValueError(f"{bad} is not supported by moe_adapters' from_pretrained")
@@ -282,6 +293,8 @@ class AutoModelForCausalLM:
             moe_blocks=blocks,
         )
         model.save_pretrained = types.MethodType(save_pretrained, model)
+        if loading_info:  # every tensor was loaded (a leftover raised above): nothing missing or unexpected
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
 
 
