@@ -171,11 +171,12 @@ def convert(
     ckpt = open_checkpoint(src, family)
     if ckpt.layout == "fused":
         check_files(ckpt)
-    target = to or ("hf" if ckpt.layout == "fused" else "fused")
+    # default: the other layout; a fused source with --ep is resharded (fused -> fused)
+    target = to or ("hf" if ckpt.layout == "fused" and ep is None else "fused")
     if target not in ("hf", "fused"):
         raise ModelError(f"unknown target layout {target!r} (use fused or hf)")
     if target == "hf" and ep not in (None, 1):
-        raise ModelError("--ep applies to the fused layout only")
+        raise ModelError("--ep applies to the fused layout only (to reshard a fused folder, add --to fused)")
     canonical, emap = canonical_view(ckpt)
     config = ckpt.config
     if dequantize:
@@ -200,7 +201,7 @@ def convert(
 
     share = Share.from_env()
     if target == "fused":
-        ep_size = ep or 1
+        ep_size = ep or (ckpt.ep_size if ckpt.layout == "fused" else 1)  # --to fused alone keeps a fused EP
         ft = fuse(canonical, emap, ep_size)
         files = plan_fused(ft, max_shard_bytes)
         rebuild_from: dict[str, Any] = {}

@@ -119,3 +119,16 @@ def test_version_and_case_insensitive_layout(hf_checkpoint, tmp_path):
     assert cli("--version").stdout.startswith("moe-adapters ")
     s = json.loads(cli("convert", hf_checkpoint("qwen3_moe"), str(tmp_path / "o"), "--to", "FUSED", "--json").stdout)
     assert s["direction"] == "hf->fused"
+
+
+def test_ep_on_a_fused_source_reshards_and_to_fused_keeps_its_ep(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("qwen3_moe")
+    ep4 = str(tmp_path / "ep4")
+    cli("-q", "convert", src, ep4, "--ep", "4")
+    s = json.loads(cli("convert", ep4, str(tmp_path / "ep2"), "--ep", "2", "--json").stdout)
+    assert (s["direction"], s["ep_size"]) == ("fused->fused", 2)
+    s = json.loads(cli("convert", ep4, str(tmp_path / "same"), "--to", "fused", "--json").stdout)
+    assert s["ep_size"] == 4
+    p = cli("convert", ep4, str(tmp_path / "bad"), "--to", "hf", "--ep", "2", check=2)
+    assert "--to fused" in one_error_line(p)
+    assert json.loads(cli("verify", src, str(tmp_path / "ep2"), "--json").stdout)["identical"]
