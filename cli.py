@@ -382,12 +382,12 @@ def convert(
             ("peak RSS", f"{s.peak_rss / 2**20:.0f} MiB"),
         ]
         + [("check", c) for c in s.checks]
-        + (
-            [("left out", "not in the index, not copied: " + ", ".join(s.left_out[:8]) + (" ..." if len(s.left_out) > 8 else ""))]
-            if s.left_out
-            else []
-        ),
+        + ([("left out", "not in the index, not copied: " + _first(s.left_out, 8))] if s.left_out else []),
     )
+
+
+def _first(names: list[str], n: int) -> str:
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
 
 
 @app.command(
@@ -545,7 +545,7 @@ def push(
         ]
         + ([("commit", r.commit_url + ("" if r.changed else " (already up to date: nothing new to commit)"))]
            if r.commit_url else [])
-        + ([("left out", ", ".join(r.skipped[:8]) + (" ..." if len(r.skipped) > 8 else ""))] if r.skipped else [])
+        + ([("left out", _first(r.skipped, 8))] if r.skipped else [])
         + [("seconds", f"{r.seconds:.2f}")],
     )
 
