@@ -65,9 +65,9 @@ def iter_bytes(segments: Iterable[Segment], sources: _Sources) -> Iterable[memor
     buf = _buffer()
     for seg in segments:
         if computed.is_computed(seg.source):
-            data = computed.bytes_of(seg.source)
+            data, base = computed.bytes_of(seg.source, seg.start, seg.stop)
             for pos in range(seg.start, seg.stop, CHUNK):
-                yield data[pos : min(pos + CHUNK, seg.stop)]
+                yield data[pos - base : min(pos + CHUNK, seg.stop) - base]
             continue
         fd = sources.fd(seg.source)
         pos = seg.start

@@ -11,6 +11,7 @@ from typing import Any
 
 from .computed import register
 from .converters import ByteTensor, Dequantize, DequantizeMXFP4
+from .converters.refs import build
 from .errors import ModelError
 from .tensor_io import TORCH_DTYPES, materialize, torch_dtype
 
@@ -30,6 +31,12 @@ def _as_bytes(t: Any) -> memoryview:
     import torch
 
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _rows(t: ByteTensor, r0: int, r1: int) -> ByteTensor:
+    """Rows [r0, r1) of `t` along dim 0 (e.g. some experts of a stacked weight), as byte ranges: nothing is read."""
+    rb = t.row_bytes(0)
+    return build(t.dtype, (r1 - r0, *t.shape[1:]), list(t.byte_range(r0 * rb, r1 * rb)))
 
 
 def dequantize_fp8(
@@ -120,7 +127,12 @@ def dequantize_mxfp4(
         def produce(b_ref: ByteTensor = t, s_ref: ByteTensor = s) -> memoryview:
             return _as_bytes(op.apply_tensors([materialize(b_ref), materialize(s_ref)])[0])
 
-        out[base] = register(target, shape, produce, base)
+        def produce_rows(r0: int, r1: int, b_ref: ByteTensor = t, s_ref: ByteTensor = s) -> memoryview:
+            # experts are independent: an EP rank's file dequantizes only its experts' blocks
+            return _as_bytes(op.apply_tensors([materialize(_rows(b_ref, r0, r1)), materialize(_rows(s_ref, r0, r1))])[0])
+
+        rows = produce_rows if len(t.shape) > 3 else None  # [E, R, G, 16]: dim 0 is the expert
+        out[base] = register(target, shape, produce, base, produce_rows=rows)
     new_config = {k: v for k, v in config.items() if k != "quantization_config"}
     for key in ("torch_dtype", "dtype"):
         if key in new_config:
@@ -141,7 +153,10 @@ def cast(
             def produce(ref: ByteTensor = t) -> memoryview:
                 return _as_bytes(materialize(ref).to(torch_dtype(target)))
 
-            out[name] = register(target, t.shape, produce, name)
+            def produce_rows(r0: int, r1: int, ref: ByteTensor = t) -> memoryview:
+                return _as_bytes(materialize(_rows(ref, r0, r1)).to(torch_dtype(target)))
+
+            out[name] = register(target, t.shape, produce, name, produce_rows=produce_rows)
         else:
             out[name] = t
     new_config = dict(config)

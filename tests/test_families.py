@@ -255,6 +255,29 @@ def test_mxfp4_dequantize_bf16_conversion(hf_checkpoint, tmp_path):
     assert 0 < err < 0.25
 
 
+def test_mxfp4_dequantize_at_ep_n_computes_each_expert_once(hf_checkpoint, tmp_path, monkeypatch):
+    """An EP rank's file dequantizes only its experts' rows: the work (experts dequantized) does not grow with EP
+    (it grew N-fold before: every rank's file dequantized the whole stacked weight)."""
+    from moe_adapters.converters import ops
+
+    done = {"experts": 0}
+    original = ops.DequantizeMXFP4.apply_tensors
+
+    def counting(self, tensors):
+        done["experts"] += tensors[0].shape[0]
+        return original(self, tensors)
+
+    monkeypatch.setattr(ops.DequantizeMXFP4, "apply_tensors", counting)
+    src = hf_checkpoint("gpt_oss", "mxfp4")
+    work = {}
+    for ep in (1, 4):
+        done["experts"] = 0
+        convert(src, str(tmp_path / f"ep{ep}"), ep=ep, dequantize="bf16")
+        work[ep] = done["experts"]
+    assert work[1] > 0 and work[4] == work[1]
+    assert verify(str(tmp_path / "ep1"), str(tmp_path / "ep4")).identical
+
+
 def test_mxfp4_checkpoint_loads_dequantized_in_the_runtime(hf_checkpoint, tmp_path):
     """moe_adapters.AutoModelForCausalLM reads the MXFP4 experts (this rank's rows of blocks and scales) and
     dequantizes them on load: the same model as plain transformers on the `--dequantize bf16` conversion."""
