@@ -260,6 +260,9 @@ def convert(
                     written.update(theirs)
                     for path, d in their_hashes.items():
                         source_hashes.setdefault(path, {}).update(d)
+                    if watch is not None:  # stacked tensors whose EP slices several processes wrote: hash them here
+                        for path, d in watch.missing_from(source_hashes).items():
+                            source_hashes.setdefault(path, {}).update(d)
                 if target == "fused":
                     if lossy:  # nothing to rebuild: say so, and where it came from
                         source = {"lossy": _lossy_note(dequantize, dtype, ckpt.config), "origin": origin_of(ckpt.root)}

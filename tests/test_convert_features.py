@@ -81,10 +81,12 @@ def test_dtype_cast_only_when_asked(hf_checkpoint, tmp_path):
     assert not verify(src, dst).identical  # a cast is not the source any more, and verify says so
 
 
-def test_split_across_processes(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("family,variant", [("mixtral", ""), ("gpt_oss", "mxfp4")])
+def test_split_across_processes(hf_checkpoint, tmp_path, family, variant):
     """Three ranks (RANK/WORLD_SIZE as torchrun sets them) each write their share; rank 0 writes the manifest last.
-    The result equals a single-process conversion byte for byte."""
-    src = hf_checkpoint("mixtral")
+    The result equals a single-process conversion byte for byte, also where experts are stacked [E, ...] tensors
+    (gpt-oss) that no one process reads whole: rank 0 hashes those for the manifest."""
+    src = hf_checkpoint(family, variant)
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
     convert(src, single, ep=4, max_shard_bytes=6000)
     procs = []
