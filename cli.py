@@ -330,7 +330,7 @@ def convert(
     to: Optional[str] = typer.Option(
         None, "--to", help="Target layout: fused or hf (default: the other one).", autocompletion=_complete_layout
     ),
-    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="Expert-parallel size of the fused layout."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size of the fused layout."),
     family: Optional[str] = typer.Option(
         None, "--family", help="Family name, when config.json is not enough.", autocompletion=_complete_family
     ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -101,6 +102,14 @@ def plan_hf(canonical: dict[str, ByteTensor], max_shard_bytes: int) -> list[OutF
     return _numbered("model", groups, None)
 
 
+def _router_biases(pattern: str | None, canonical: dict) -> set[str]:
+    """Names of the router's selection bias in every layer (`{L}` any layer number, MoE or extra like an MTP layer)."""
+    if not pattern:
+        return set()
+    rx = re.compile(re.escape(pattern).replace(re.escape("{L}"), r"\d+") + r"\Z")
+    return {n for n in canonical if rx.match(n)}
+
+
 def _is_quantized(canonical: dict, config: dict) -> bool:
     """FP8 block-scaled (``*_scale_inv``) or MXFP4 (``*_blocks``) weights, or a quantization_config saying so."""
     return bool(config.get("quantization_config")) or any(
@@ -175,6 +184,8 @@ def convert(
     target = to or ("hf" if ckpt.layout == "fused" and ep is None else "fused")
     if target not in ("hf", "fused"):
         raise ModelError(f"unknown target layout {target!r} (use fused or hf)")
+    if ep is not None and ep < 1:
+        raise OptionError(f"--ep must be a positive number of ranks, not {ep}")
     if target == "hf" and ep not in (None, 1):
         raise ModelError("--ep applies to the fused layout only (to reshard a fused folder, add --to fused)")
     canonical, emap = canonical_view(ckpt)
@@ -189,7 +200,7 @@ def convert(
             canonical, config, dequantize, transposed=getattr(ckpt.family.experts, "transposed", True)
         )
     if dtype:
-        keep = {ckpt.family.router.bias.format(L=L) for L in emap.moe_layers} if ckpt.family.router.bias else set()
+        keep = _router_biases(ckpt.family.router.bias, canonical)  # selection biases stay fp32, MTP layers' too
         cast_view, cast_config = cast(canonical, config, dtype, keep)
         if any(cast_view[n] is not canonical[n] for n in canonical):
             canonical, config = cast_view, cast_config

@@ -57,6 +57,13 @@ def dequantize_fp8(
         if t.dtype in FP8_DTYPES and scale_name in canonical:
             w_ref, s_ref = t, canonical[scale_name]
             used_scales.add(scale_name)
+            need = tuple(-(-d // b) for d, b in zip(t.shape[-2:], block))  # one scale per block, partial ones too
+            if len(t.shape) != 2 or len(s_ref.shape) != 2 or any(h < n for h, n in zip(s_ref.shape, need)):
+                raise ModelError(
+                    f"scale grid {list(s_ref.shape)} does not cover weight {list(t.shape)} in {block[0]}x{block[1]} "
+                    f"blocks (needs at least {list(need)})",
+                    tensor=scale_name,
+                )
 
             def produce(w_ref: ByteTensor = w_ref, s_ref: ByteTensor = s_ref) -> memoryview:
                 return _as_bytes(op.apply_tensors([materialize(w_ref), materialize(s_ref)])[0])
