@@ -546,6 +546,7 @@ def push(
         + ([("commit", r.commit_url + ("" if r.changed else " (already up to date: nothing new to commit)"))]
            if r.commit_url else [])
         + ([("left out", _first(r.skipped, 8))] if r.skipped else [])
+        + ([("removed from the branch", _first(r.removed, 8))] if r.removed else [])
         + [("seconds", f"{r.seconds:.2f}")],
     )
 

@@ -14,7 +14,8 @@
 such as a fine-tuned checkpoint.
 
 The upload is one commit made with huggingface_hub's commit API (`HfApi.create_commit` with one
-`CommitOperationAdd` per file plus the generated model card), after `create_repo(exist_ok=True)` and, for a branch
+`CommitOperationAdd` per file plus the generated model card, and a `CommitOperationDelete` per file the branch held
+that the folder does not), after `create_repo(exist_ok=True)` and, for a branch
 other than main, `create_branch(exist_ok=True)`. One commit keeps the repo consistent: a reader never sees half a
 checkpoint (an index naming shards that are not there yet), which `upload_folder`'s multi-commit pipeline can
 show while a large upload is in flight. It is still resumable: the large files are uploaded before the commit is
@@ -58,6 +59,7 @@ class PushResult:
     repo_url: str | None = None
     created_repo: bool | None = None
     commit_url: str | None = None
+    removed: list[str] = field(default_factory=list)  # files the branch held that this folder does not: deleted
     commit_oid: str | None = None
     changed: bool | None = None  # False: the branch already held exactly these files, no commit was made
     seconds: float = 0.0
@@ -487,7 +489,7 @@ def push(
         if verification["status"] == "identical"
         else ""
     )
-    result.repo_url, result.created_repo, result.commit_url, result.commit_oid, result.changed = _upload(
+    result.repo_url, result.created_repo, result.commit_url, result.commit_oid, result.changed, result.removed = _upload(
         ckpt.root, repo_id, branch, files, hashes, card_bytes, private=private, message=message,
         description=description, reporter=reporter, say=say,
     )
@@ -497,11 +499,14 @@ def push(
 
 def _upload(root: str, repo_id: str, branch: str, files: list[str], hashes: dict[str, str], card: bytes, *,
             private: bool, message: str, description: str, reporter,
-            say: Callable[[str], None]) -> tuple[str, bool, str, str, bool]:
+            say: Callable[[str], None]) -> tuple[str, bool, str, str, bool, list[str]]:
     """create_repo / create_branch / create_commit. huggingface_hub's own tqdm bars are switched off for the call
     (they do not compose with ours: one line per file, left behind); the reporter shows the phase instead, with the
-    bytes to send and the time elapsed (the commit API reports no per-byte progress to its caller)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    bytes to send and the time elapsed (the commit API reports no per-byte progress to its caller).
+
+    The same commit deletes the files the branch held that the folder does not (an earlier push's shards, notes):
+    what the card says was verified is then exactly what the branch holds. `.gitattributes` stays."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     from . import __version__
@@ -522,6 +527,9 @@ def _upload(root: str, repo_id: str, branch: str, files: list[str], hashes: dict
                 op.upload_info.sha256 = bytes.fromhex(hashes[rel])  # hashed above: not read twice
                 ops.append(op)
             ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card))
+            keep = {op.path_in_repo for op in ops} | {".gitattributes"}
+            stale = sorted(p for p in api.list_repo_files(repo_id, revision=branch) if p not in keep)
+            ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
             say(f"uploading {len(ops)} files to {repo_id} ({branch}) ...")
             if reporter:
                 size = sum(os.path.getsize(os.path.join(root, rel)) for rel in files) + len(card)
@@ -533,4 +541,4 @@ def _upload(root: str, repo_id: str, branch: str, files: list[str], hashes: dict
             reporter.end()
         if not was_disabled:
             enable_progress_bars()
-    return str(url), not existed, info.commit_url, info.oid, info.oid != before
+    return str(url), not existed, info.commit_url, info.oid, info.oid != before, stale

@@ -287,3 +287,18 @@ def test_model_card_front_matter():
     assert meta["library_name"] == "transformers" and "moe-adapters" in meta["tags"] and "base_model" not in meta
     assert "mixtral-local" in body and "/home/me" not in body  # a local source is named, its path is not
     assert "not verified" in body and "no front matter here" in body
+
+
+def test_push_deletes_what_the_branch_held_that_the_folder_does_not(hub, roundtrip):
+    """The branch ends up holding exactly the verified folder (and the card): an earlier push's extra files and
+    differently named shards are deleted in the same commit, and the result lists them."""
+    back, env = roundtrip["back"], roundtrip["env"]
+    hub.add_repo("test-org/stale", {"notes.txt": b"draft", "model-00001-of-00009.safetensors": b"old shard",
+                                    ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+    res = json.loads(cli(env, "push", back, "--repo-id", "test-org/stale", "--json").stdout)
+    assert sorted(res["removed"]) == ["model-00001-of-00009.safetensors", "notes.txt"]
+    stored = hub.files("test-org/stale")
+    expected = {p for p in local_files(back) if not p.startswith(".")} | {"README.md", ".gitattributes"}
+    assert set(stored) == expected
+    again = json.loads(cli(env, "push", back, "--repo-id", "test-org/stale", "--json").stdout)
+    assert again["removed"] == [] and again["changed"] is False
