@@ -168,11 +168,19 @@ def _source(src: str, revision: Optional[str], as_json: bool) -> tuple[str, Opti
 
 
 def _hub_logging() -> None:
-    """--quiet means errors only, huggingface_hub's warnings included."""
-    if _state["quiet"]:
-        from huggingface_hub.utils import logging as hf_logging
+    """--quiet means errors only, huggingface_hub's warnings included. Its "no files have been modified" warning is
+    dropped always: the summary says "already up to date" itself."""
+    from huggingface_hub.utils import logging as hf_logging
 
+    if _state["quiet"]:
         hf_logging.set_verbosity_error()
+    root = hf_logging.get_logger()  # the library's logger; its children's records reach its handlers
+    for target in [root, *root.handlers]:
+        target.addFilter(_not_modified_filter)
+
+
+def _not_modified_filter(record: Any) -> bool:
+    return "No files have been modified" not in record.getMessage()
 
 
 def _complete_family(incomplete: str) -> list[str]:

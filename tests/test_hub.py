@@ -302,3 +302,5 @@ def test_push_deletes_what_the_branch_held_that_the_folder_does_not(hub, roundtr
     assert set(stored) == expected
     again = json.loads(cli(env, "push", back, "--repo-id", "test-org/stale", "--json").stdout)
     assert again["removed"] == [] and again["changed"] is False
+    p = cli(env, "push", back, "--repo-id", "test-org/stale")  # human output: our summary says it, not a warning
+    assert "already up to date" in p.stdout and "No files have been modified" not in p.stderr
