@@ -227,11 +227,7 @@ def run_setup(args) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            after_backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = train_step(model, ids, after_backward, opt)
             if cuda:
                 torch.cuda.synchronize()
             if i >= args.warmup:
@@ -273,17 +269,23 @@ def run_setup(args) -> dict:
     return result
 
 
+def train_step(model, ids, after_backward, opt) -> torch.Tensor:
+    """One training step, the same for every setup: forward, backward, the setup's gradient sync, AdamW."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    after_backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def profile_step(model, ids, after_backward, opt, rank: int, name: str, cuda: bool) -> None:
     """One more step under torch.profiler: where the time goes (rank 0 prints and saves the table)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        after_backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, ids, after_backward, opt)
         if cuda:
             torch.cuda.synchronize()
     if rank == 0:

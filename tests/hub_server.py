@@ -183,6 +183,16 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return None
             return repo
 
+        def _commit_at(self, repo_id: str, rev: str, *, head: bool = False) -> Commit | None:
+            """The commit `rev` names in `repo_id`; None after answering 404 (no such repo or revision)."""
+            repo = self._repo(repo_id, head=head)
+            if repo is None:
+                return None
+            commit = hub._resolve(repo, rev)
+            if commit is None:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
+            return commit
+
         # ---- dispatch ----------------------------------------------------------------------------------------
         def _dispatch(self, method: str) -> None:
             url = urlsplit(self.path)
@@ -257,25 +267,19 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
         def _info(self, repo_id: str, rev: str) -> None:
-            repo = self._repo(repo_id)
-            if repo is None:
-                return
-            commit = hub._resolve(repo, rev)
+            commit = self._commit_at(repo_id, rev)
             if commit is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+                return
             self._json(200, {
-                "id": repo_id, "modelId": repo_id, "sha": commit.oid, "private": repo.private,
+                "id": repo_id, "modelId": repo_id, "sha": commit.oid, "private": hub.repos[repo_id].private,
                 "lastModified": "2026-01-01T00:00:00.000Z", "tags": [], "library_name": None,
                 "siblings": [{"rfilename": p} for p in sorted(commit.files)],
             })
 
         def _tree(self, repo_id: str, rev: str, under: str, query: dict[str, list[str]]) -> None:
-            repo = self._repo(repo_id)
-            if repo is None:
-                return
-            commit = hub._resolve(repo, rev)
+            commit = self._commit_at(repo_id, rev)
             if commit is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+                return
             recursive = (query.get("recursive") or ["False"])[0].lower() in ("1", "true")
             prefix = under.rstrip("/") + "/" if under else ""
             entries: dict[str, dict[str, Any]] = {}
@@ -393,12 +397,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                              "pullRequestUrl": None, "success": True})
 
         def _resolve(self, repo_id: str, rev: str, filename: str, *, head: bool) -> None:
-            repo = self._repo(repo_id, head=head)
-            if repo is None:
-                return
-            commit = hub._resolve(repo, rev)
+            commit = self._commit_at(repo_id, rev, head=head)
             if commit is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
+                return
             f = commit.files.get(filename)
             if f is None:
                 return self._send(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit.oid}, head=head)

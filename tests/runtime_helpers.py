@@ -137,6 +137,23 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
                 b.copy_((torch.randn(b.shape, generator=g) * 0.01).to(b.dtype))
 
 
+def v5_block(family: str, **overrides: Any):
+    """(family declaration, config dict, first MoE layer, v5's block there): a tiny fp32 v5 model, eager experts,
+    random weights (seed 3)."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_adapters.families import detect
+    from moe_adapters.runtime.layer import block_prefix
+
+    cfg = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
+    randomize_(model, seed=3)
+    d = cfg.to_dict()
+    fam = detect(d)
+    layer = fam.moe_layer_ids(d)[0]
+    return fam, d, layer, model.get_submodule(block_prefix(fam, layer))
+
+
 def build_checkpoint(family: str, path: str, seed: int = 0, **overrides: Any) -> str:
     """A transformers-written fp32 checkpoint in several small shards."""
     from transformers import AutoModelForCausalLM

@@ -18,12 +18,11 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from runtime_helpers import randomize_, rel_err, tiny_config
+from runtime_helpers import rel_err, v5_block
 
-from moe_adapters.families import detect
 from moe_adapters.runtime import experts as ex
 from moe_adapters.runtime.experts import FusedActMul, GroupedExperts, act_mul_backward, act_mul_forward, plan_slots
-from moe_adapters.runtime.layer import block_prefix, build_moe_block, copy_block_weights
+from moe_adapters.runtime.layer import build_moe_block, copy_block_weights
 
 TOL = 1e-6
 
@@ -97,15 +96,7 @@ def test_plan_slots_matches_bincount_and_drops_remote_ids():
 
 
 def _v5_and_ours(family, backend="grouped_mm", dtype=torch.float32, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(family, **overrides)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
-    randomize_(model, seed=3)
-    d = cfg.to_dict()
-    fam = detect(d)
-    layer = fam.moe_layer_ids(d)[0]
-    v5 = model.get_submodule(block_prefix(fam, layer))
+    fam, d, layer, v5 = v5_block(family, **overrides)
     ours = build_moe_block(fam, d, layer, backend=backend, template=v5)
     copy_block_weights(ours, v5)
     return d, v5, ours.to(dtype)

@@ -10,31 +10,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_helpers import FAMILIES, randomize_, rel_err, tiny_config
+from runtime_helpers import FAMILIES, rel_err, v5_block
 
-from moe_adapters.families import detect
 from moe_adapters.runtime.experts import GroupedExperts, resolve_backend
-from moe_adapters.runtime.layer import block_prefix, build_moe_block, copy_block_weights
+from moe_adapters.runtime.layer import build_moe_block, copy_block_weights
 
 TOL = 1e-6
-
-
-def _v5_block(family: str, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(family, **overrides)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
-    randomize_(model, seed=3)
-    d = cfg.to_dict()
-    fam = detect(d)
-    layer = fam.moe_layer_ids(d)[0]
-    return fam, d, layer, model.get_submodule(block_prefix(fam, layer))
 
 
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_matches_v5(family, backend):
-    fam, cfg, layer, v5 = _v5_block(family)
+    fam, cfg, layer, v5 = v5_block(family)
     ours = build_moe_block(fam, cfg, layer, backend=backend, template=v5)
     copy_block_weights(ours, v5)
     assert list(ours.state_dict()) == list(v5.state_dict())  # same names, same order
@@ -103,7 +90,7 @@ def _first(out):
 def test_grouped_mm_takes_stride0_gradient(family):
     """``out.sum().backward()`` hands torch's grouped GEMM a stride-0 gradient, which its CPU backward rejects
     unless made contiguous; the result must equal the per-expert loop's."""
-    fam, cfg, layer, v5 = _v5_block(family)
+    fam, cfg, layer, v5 = v5_block(family)
     grads = {}
     for backend in ("loop", "grouped_mm"):
         ours = build_moe_block(fam, cfg, layer, backend=backend, template=v5)
@@ -116,9 +103,9 @@ def test_grouped_mm_takes_stride0_gradient(family):
     assert rel_err(grads["grouped_mm"][1], grads["loop"][1]) <= TOL
 
 
-def test_declaration_must_cover_the_v5_block():
+def test_declaration_must_cover_thev5_block():
     """Nemotron-H with a latent projection has weights the declaration does not describe: refuse, naming them."""
-    fam, cfg, layer, v5 = _v5_block("nemotron_h", moe_latent_size=16)
+    fam, cfg, layer, v5 = v5_block("nemotron_h", moe_latent_size=16)
     with pytest.raises(ValueError, match="fc1_latent_proj"):
         build_moe_block(fam, cfg, layer, template=v5)
 
