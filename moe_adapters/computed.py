@@ -50,20 +50,15 @@ def bytes_of(source: str, start: int = 0, stop: int | None = None) -> tuple[memo
     if rows is not None and stop is not None:
         produce_rows, rb = rows
         r0, r1 = start // rb, -(-stop // rb)
-        key = (source, r0, r1)
-        cached = getattr(_local, "last", None)
-        if cached is not None and cached[0] in (key, (source, None, None)):
-            return cached[1], cached[2]
-        data = produce_rows(r0, r1)
-        _local.last = (key, data, r0 * rb)
-        return data, r0 * rb
-    key = (source, None, None)
+        key, base, make = (source, r0, r1), r0 * rb, (lambda: produce_rows(r0, r1))
+    else:
+        key, base, make = (source, None, None), 0, _producers[source]
     cached = getattr(_local, "last", None)
     if cached is not None and cached[0] == key:
-        return cached[1], 0
-    data = _producers[source]()
-    _local.last = (key, data, 0)
-    return data, 0
+        return cached[1], cached[2]
+    data = make()
+    _local.last = (key, data, base)
+    return data, base
 
 
 def release(tensors: list[ByteTensor]) -> None:

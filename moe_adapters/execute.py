@@ -156,24 +156,17 @@ class SourceTensorHashes:
         """sha256 of the tensors that `known` lacks, read from the source now. A conversion split across processes
         needs it: no one process reads a stacked tensor whose EP slices other processes wrote."""
         out: dict[str, dict[str, str]] = {}
-        for path, ranges in self._ranges.items():
-            todo = [(a, b, n) for a, b, n in ranges if n not in known.get(path, {})]
-            if not todo:
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for start, stop, name in todo:
-                    h = hashlib.sha256()
-                    pos = start
-                    while pos < stop:
-                        got = os.pread(fd, min(CHUNK, stop - pos), pos)
-                        if not got:
-                            raise CheckpointError(f"file ended early at byte {pos} (changed while reading?)", file=path)
-                        h.update(got)
-                        pos += len(got)
-                    out.setdefault(path, {})[name] = h.hexdigest()
-            finally:
-                os.close(fd)
+        sources = _Sources()
+        try:
+            for path, ranges in self._ranges.items():
+                for start, stop, name in ranges:
+                    if name not in known.get(path, {}):
+                        h = hashlib.sha256()
+                        for chunk in iter_bytes([Segment(path, start, stop)], sources):
+                            h.update(chunk)
+                        out.setdefault(path, {})[name] = h.hexdigest()
+        finally:
+            sources.close()
         return out
 
     def result(self) -> dict[str, dict[str, str]]:
