@@ -10,6 +10,8 @@
 #   scaling  2+ GPUs: ours at EP=1 (one GPU) and EP=GPUs at SCALING_LAYERS (12) layers: per-GPU tokens/s ratio
 #   deepep   2+ GPUs, deep_ep importable: ours at full depth with the DeepEP dispatcher
 #   eager    2+ GPUs: v5 FSDP with experts_implementation="eager" (slow: 2 timed steps)
+#   single   1+ GPUs: one GPU, SINGLE_LAYERS (12) layers: ours (EP=1), ours with v5's norms and loss (--no-lean), and
+#            v5 (grouped_mm); then ours --no-lean and v5 again with foreach AdamW (the optimizer of earlier runs)
 #   block    one MoE block fwd+bwd, v5 grouped_mm vs ours (and ours with the TE backend when TE imports)
 #   permute  TE importable: TE's fused moe_permute/moe_unpermute vs ours
 #   tests    the CUDA tests (bf16 equivalence for every family and backend, NCCL EP, DeepEP vs all_to_all)
@@ -25,8 +27,9 @@ GPUS=${GPUS:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
 CKPT_DIR=${CKPT_DIR:-/tmp}
 LAYERS=${LAYERS:-48}
 SCALING_LAYERS=${SCALING_LAYERS:-12}
+SINGLE_LAYERS=${SINGLE_LAYERS:-12}
 BATCH=${BATCH:-2}
-STEPS=${STEPS:-train scaling deepep eager block permute tests report}
+STEPS=${STEPS:-train scaling deepep eager single block permute tests report}
 
 has() { python3 -c "import $1" >/dev/null 2>&1; }
 multi() { [ "$GPUS" -ge 2 ] || { echo "skipped: needs 2+ GPUs, this machine has $GPUS"; return 1; }; }
@@ -43,6 +46,10 @@ for step in $STEPS; do
             --out "$OUT/scaling" ;;
         deepep) multi && { has deep_ep || { echo "skipped: deep_ep does not import"; false; }; } &&
             train --setups ours --dispatcher deepep --out "$OUT/deepep" ;;
+        single) one() { train --gpus 1 --layers "$SINGLE_LAYERS" "$@"; }
+            one --setups ours_ep1,v5_single --out "$OUT/single" &&
+            one --setups ours_ep1 --no-lean --out "$OUT/single_plain" &&
+            one --setups ours_ep1,v5_single --no-lean --optimizer foreach --out "$OUT/single_foreach" ;;
         eager) multi && train --setups v5_fsdp_eager --steps 2 --warmup 1 --out "$OUT/eager" ;;
         block) python3 benchmarks/gpu_block.py --impls v5_grouped_mm,ours,ours_te --budget-s 300 ${BLOCK_ARGS:-} \
             --out "$OUT/block" ;;
@@ -51,7 +58,7 @@ for step in $STEPS; do
         tests) python3 -m pytest -q -p no:cacheprovider -rs tests/test_runtime_gpu.py tests/test_runtime_fastpath.py \
             2>&1 | tee "$OUT/tests.log" ;;
         report) files=()
-            for f in train scaling deepep eager; do [ -f "$OUT/$f.json" ] && files+=("$OUT/$f.json"); done
+            for f in train scaling deepep eager single single_plain single_foreach; do [ -f "$OUT/$f.json" ] && files+=("$OUT/$f.json"); done
             [ ${#files[@]} -gt 0 ] && python3 benchmarks/gpu_train.py --merge "${files[@]}" --gpus "$GPUS" \
                 --layers "$LAYERS" --scaling-layers "$SCALING_LAYERS" --batch "$BATCH" --out "$OUT/train_all" ;;
         *) echo "unknown step $step" ;;

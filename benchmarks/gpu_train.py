@@ -26,8 +26,9 @@ processes, fresh memory) and prints the comparison. Setups (``--setups``):
 
 Model: the real Qwen3-30B-A3B config (``--config``, default ``../shared/realmodels/Qwen3-30B-A3B/config.json``; the
 same values are built in, used when that file is absent) with ``num_hidden_layers = --layers``; bf16 parameters,
-AdamW (lr 1e-5, states in the parameter dtype, the same for every setup), SDPA attention, no activation
-checkpointing. Data: ``--batch`` sequences of ``--seq`` random token ids per GPU (different per rank), labels = ids.
+AdamW (lr 1e-5, states in the parameter dtype, ``--optimizer fused`` by default, the same for every setup), SDPA
+attention, no activation checkpointing. Ours loads with ``fused_rms_norm`` and ``fused_cross_entropy`` (``--no-lean``:
+v5's own norms and loss, setup name ``ours_plain``). Data: ``--batch`` sequences of ``--seq`` random token ids per GPU (different per rank), labels = ids.
 
 Reported per setup (rank 0 gathers every rank): median step time over ``--steps`` steps after ``--warmup``; tokens/s
 per GPU; model TFLOP/s per GPU = tokens/s x (6 x active parameters + 6 x layers x seq x heads x head_dim) / 1e12
@@ -141,7 +142,7 @@ def make_checkpoint(cfg: dict, path: str, seed: int = 0) -> None:
 # --- one setup under torchrun --------------------------------------------------------------------------------------
 
 
-def build(setup: str, ckpt: str, world: int, device: torch.device, dispatcher: str = "auto"):
+def build(setup: str, ckpt: str, world: int, device: torch.device, dispatcher: str = "auto", lean: bool = True):
     """(model, after_backward) for this setup; after_backward runs between backward and the optimizer step."""
     if setup in ("ours", "ours_ep1"):
         import moe_adapters
@@ -149,9 +150,10 @@ def build(setup: str, ckpt: str, world: int, device: torch.device, dispatcher: s
 
         model = moe_adapters.AutoModelForCausalLM.from_pretrained(
             ckpt, ep_size=world, dtype=torch.bfloat16, device=device, experts_backend="grouped_mm",
-            dispatcher=dispatcher if world > 1 else "auto",
+            dispatcher=dispatcher if world > 1 else "auto", fused_rms_norm=lean, fused_cross_entropy=lean,
         )
-        return model, (lambda: sync_gradients(model)), f"EP={world}, dispatcher={model.moe_ep.dispatcher}"
+        desc = f"EP={world}, dispatcher={model.moe_ep.dispatcher}" + ("" if lean else ", plain norms and loss")
+        return model, (lambda: sync_gradients(model)), desc
     import transformers
 
     kw: dict = {"dtype": torch.bfloat16}
@@ -200,6 +202,8 @@ def run_setup(args) -> dict:
             dist.init_process_group("gloo")
     cfg = load_config_dict(args.config, args.layers)
     name = args.setup + ("_deepep" if args.setup.startswith("ours") and args.dispatcher == "deepep" else "")
+    name += "" if args.lean or not args.setup.startswith("ours") else "_plain"
+    name += "" if args.optimizer == "fused" else f"_{args.optimizer}"
     result = {"setup": name, "world": world, "layers": args.layers, "seq": args.seq, "batch": args.batch}
     try:
         import transformers
@@ -207,14 +211,16 @@ def run_setup(args) -> dict:
         result.update(torch=torch.__version__, transformers=transformers.__version__,
                       gpu=torch.cuda.get_device_name(device) if cuda else "cpu")
         t0 = time.time()
-        model, after_backward, desc = build(args.setup, args.ckpt, world, device, args.dispatcher)
+        model, after_backward, desc = build(args.setup, args.ckpt, world, device, args.dispatcher, args.lean)
+        desc += f", AdamW {args.optimizer}"
         result["desc"], result["load_s"] = desc, time.time() - t0
         if rank == 0:
             print(f"loaded in {result['load_s']:.0f} s: {desc}", flush=True)
         model.train()
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.optimizer == "fused",
+                                foreach=args.optimizer == "foreach")
         g = torch.Generator(device="cpu").manual_seed(1000 + rank)
         ids = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq), generator=g).to(device)
         times, losses = [], []
@@ -310,7 +316,8 @@ def launch(setup: str, nproc: int, layers: int, args) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            os.path.abspath(__file__), "--setup", setup, "--layers", str(layers), "--seq", str(args.seq),
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--ckpt", ckpt_path(args, layers), "--dispatcher", args.dispatcher]
+           "--ckpt", ckpt_path(args, layers), "--dispatcher", args.dispatcher, "--optimizer", args.optimizer,
+           "--lean" if args.lean else "--no-lean"]
     if args.config:
         cmd += ["--config", args.config]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
@@ -379,9 +386,17 @@ def table(results: list[dict], args) -> str:
             lines.append(f"- ours vs v5 eager experts: {_ratio(ours['tok_s_per_gpu'], ok['v5_fsdp_eager']['tok_s_per_gpu']):.2f}x "
                          "(target >= 3.7x)")
         lines.append(f"- ours vs NeMo AutoModel's 12,040 tok/s/GPU: {ours['tok_s_per_gpu'] / NEMO_TOK_S_PER_GPU:.2f}x")
+    single = {r["setup"]: r for r in results if not r.get("error") and r.get("world") == 1}
+    for mine, theirs in (("ours_ep1", "v5_single"), ("ours_ep1_plain", "v5_single"),
+                         ("ours_ep1_plain_foreach", "v5_single_foreach")):
+        if mine in single and theirs in single and single[mine]["layers"] == single[theirs]["layers"]:
+            one, v5 = single[mine], single[theirs]
+            lines.append(f"- one GPU, {one['layers']} layers, {mine} vs {theirs}: "
+                         f"{_ratio(one['tok_s_per_gpu'], v5['tok_s_per_gpu']):.2f}x tokens/s, "
+                         f"{_ratio(one['peak_gib_per_gpu'], v5['peak_gib_per_gpu']):.2f}x peak memory")
     sc = {(r["setup"], r["world"]): r for r in results
           if not r.get("error") and args.scaling_layers and r.get("layers") == args.scaling_layers}
-    if ("ours_ep1", 1) in sc and ("ours", args.gpus) in sc:
+    if args.gpus > 1 and ("ours_ep1", 1) in sc and ("ours", args.gpus) in sc:
         lines.append(f"- EP scaling at {args.scaling_layers} layers: per-GPU tokens/s at EP={args.gpus} is "
                      f"{_ratio(sc[('ours', args.gpus)]['tok_s_per_gpu'], sc[('ours_ep1', 1)]['tok_s_per_gpu']):.0%} of EP=1 "
                      "(target >= 80%)")
@@ -421,11 +436,10 @@ def merge(args) -> int:
 def drive(args) -> int:
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     results = []
-    if any(s in MULTI for s in setups):
+    if setups:
         make_checkpoint(load_config_dict(args.config, args.layers), ckpt_path(args, args.layers))
-    for s in setups:
-        if s in MULTI:
-            results.append(launch(s, args.gpus, args.layers, args))
+    for s in setups:  # ours_ep1 / v5_single listed here run on one GPU at --layers
+        results.append(launch(s, args.gpus if s in MULTI else 1, args.layers, args))
     if args.scaling_layers:
         make_checkpoint(load_config_dict(args.config, args.scaling_layers), ckpt_path(args, args.scaling_layers))
         results.append(launch("ours_ep1", 1, args.scaling_layers, args))
@@ -455,6 +469,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--dispatcher", default="auto", choices=("auto", "all_to_all", "deepep"),
                     help="ours: how tokens reach the experts (auto: DeepEP when it imports)")
+    ap.add_argument("--optimizer", default="fused", choices=("fused", "foreach"),
+                    help="AdamW implementation, the same for every setup (fused: one kernel per dtype group)")
+    ap.add_argument("--lean", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours: fused_rms_norm and fused_cross_entropy (--no-lean: v5's norms and loss)")
     ap.add_argument("--merge", nargs="+", default=None, help="only print one table from these result JSON files")
     args = ap.parse_args(argv)
     if args.merge:

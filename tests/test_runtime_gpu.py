@@ -124,3 +124,52 @@ def test_nccl_ep2_deepep_gradients_match_all_to_all(tmp_path):
         worst = max(worst, rel_err(b["logits"], a["logits"]))
     print(f"\nEP=2 deepep vs all_to_all (bf16): worst rel err {worst:.2e}")
     assert worst <= 2e-2
+
+
+def test_fused_rms_norm_and_cross_entropy_cuda_bf16(device="cuda"):
+    """The compiled RMSNorm (one inductor kernel each way) and the chunked loss, against v5's modules on CUDA."""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    from moe_adapters.runtime.loss import linear_cross_entropy
+    from moe_adapters.runtime.norms import rms_norm
+
+    g = torch.Generator(device).manual_seed(0)
+    norm = Qwen3MoeRMSNorm(2048).to(device, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(2048, device=device, generator=g) + 0.5)
+    norm32 = copy.deepcopy(norm).float()
+    for shape in ((2, 300, 2048), (2, 300, 16, 2048)):  # the residual stream, and per-head (q_norm) rows
+        x = torch.randn(*shape, device=device, generator=g).to(torch.bfloat16)
+        x32 = x.float().requires_grad_()
+        ref = norm32(x32)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        base, ours = norm(xa), rms_norm(xb, norm.weight, norm.variance_epsilon)
+        err, err_v5 = _bf16_ok(ours, base, ref)
+        assert err <= 2 * err_v5 + 1e-3, (err, err_v5)
+        d = torch.randn(ref.shape, device=device, generator=g)
+        ref_dx = torch.autograd.grad(ref, x32, d)[0]
+        base_dx = torch.autograd.grad(base, xa, d.bfloat16())[0]
+        ours_dx = torch.autograd.grad(ours, xb, d.bfloat16())[0]
+        err, err_v5 = _bf16_ok(ours_dx, base_dx, ref_dx)
+        print(f"\nrms_norm {shape}: d x ours {err:.2e}, v5 {err_v5:.2e}")
+        assert err <= 2 * err_v5 + 1e-3
+    h = torch.randn(4, 1000, 256, device=device, generator=g).to(torch.bfloat16)
+    w = (torch.randn(5000, 256, device=device, generator=g) * 0.05).to(torch.bfloat16)
+    labels = torch.randint(0, 5000, (4, 1000), device=device, generator=g)
+    results = {}
+    for name, h0, w0 in (("ref", h.float(), w.float()), ("v5", h, w), ("ours", h, w)):
+        hh, ww = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if name == "ours":
+            loss = linear_cross_entropy(hh, ww, F.pad(labels, (0, 1), value=-100)[..., 1:], chunk=777)
+        else:
+            loss = ForCausalLMLoss(F.linear(hh, ww), labels, 5000)
+        loss.backward()
+        results[name] = (loss, hh.grad, ww.grad)
+    for i, what in enumerate(("loss", "d h", "d W")):
+        err, err_v5 = _bf16_ok(results["ours"][i], results["v5"][i], results["ref"][i])
+        print(f"linear_cross_entropy {what}: ours {err:.2e}, v5 {err_v5:.2e}")
+        assert err <= 2 * err_v5 + 1e-3

@@ -26,6 +26,11 @@ TOL = 1e-6
 # exact expert summation order) to 1.1e-6 on `linear_attn.A_log` (5.9e-7 with the `loop` backend); every MoE block
 # weight stays below 1e-6 (test_runtime_layer.py checks the block alone at 1e-6).
 MODEL_TOL = {"qwen3_next": 2e-6}
+# Gradients of the whole model (the forward stays bitwise): in fp32, v5's RMSNorm's `.to(float32)` returns its input
+# itself, so autograd sums three gradients into it (square, product, residual) in its own order; our RMSNorm hands
+# back one (its two terms already summed). Measured: 1.6e-6 at worst (Qwen2-MoE's k_proj bias, 8.6e-7 with
+# fused_rms_norm=False); in bf16 the norm's gradients are bitwise v5's (test_runtime_memory.py).
+GRAD_TOL = 2e-6
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +73,7 @@ def test_ep1_model_is_v5_model_with_our_blocks(ckpts, family, tmp_path):
     worst = max(
         rel_err(grads[n].grad, p.grad) for n, p in ref.named_parameters() if p.grad is not None or grads[n].grad is not None
     )
-    assert worst <= MODEL_TOL.get(family, TOL)
+    assert worst <= MODEL_TOL.get(family, GRAD_TOL)
 
     ours.save_pretrained(tmp_path / "saved")
     for f in sorted(os.listdir(ckpts[family])):

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiled import compiled, use_compiled
+
 # --- activations ---------------------------------------------------------------------------------------------------
 
 
@@ -490,20 +492,8 @@ def fused_act_backward_math(
     return (a * wf).to(g.dtype), d_gu.to(g.dtype), d_w
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
-def _compiled(fn: Callable) -> Callable:
-    key = fn.__name__
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _COMPILED[key]
-
-
 def use_fused_act(gu: torch.Tensor, act: str, fold: bool) -> bool:
-    import os
-
-    return bool(fold and gu.is_cuda and act in FUSABLE_ACTS and not os.environ.get("MOE_ADAPTERS_NO_COMPILE"))
+    return bool(fold and act in FUSABLE_ACTS and use_compiled(gu))
 
 
 class _ActDownCombine(torch.autograd.Function):
@@ -520,7 +510,7 @@ class _ActDownCombine(torch.autograd.Function):
     def forward(ctx, gu, w_slot, w_down, rows, inv, offs, num_rows: int, k: int, act: str, gated: bool, out_dtype, fold: bool):  # type: ignore[override]
         g, u = gu.chunk(2, dim=-1) if gated else (gu, None)
         if use_fused_act(gu, act, fold):
-            h = _compiled(fused_act_forward_math)(act, g, u, w_slot)
+            h = compiled(fused_act_forward_math)(act, g, u, w_slot)
         else:
             h = act_mul_forward(act, g, u, w_slot if fold else None)
         y = _gmm(h, w_down.transpose(-2, -1), offs)
@@ -543,7 +533,7 @@ class _ActDownCombine(torch.autograd.Function):
         d_rows = d_out.to(w_down.dtype).contiguous().index_select(0, rows)  # unpermute's backward: one gather
         d_hu = _gmm(d_rows, w_down, offs) if (need_gu or need_w) else None  # _grouped_mm_mat1_backward, row-major
         if d_hu is not None and use_fused_act(gu, act, ctx.fold) and w_slot.dtype == torch.float32:
-            hw, d_gu, d_w = _compiled(fused_act_backward_math)(act, g, u, w_slot, d_hu)
+            hw, d_gu, d_w = compiled(fused_act_backward_math)(act, g, u, w_slot, d_hu)
             d_down = _gmm(d_rows.t(), hw, offs) if need_down else None
             return (d_gu if need_gu else None), (d_w if need_w else None), d_down, *([None] * 9)
         s = _act(act, g)

@@ -1,0 +1,181 @@
+"""Causal-LM loss straight from the last hidden states, a chunk of tokens at a time: no ``[tokens, vocab]`` logits.
+
+v5 computes ``logits = lm_head(h)`` for every token, upcasts them to fp32 and runs cross-entropy: for Qwen3-30B-A3B
+(vocab 151,936) at 8,192 tokens that is 2.5 GB of bf16 logits, 5 GB of fp32 logits, 5 GB of log-softmax kept for
+backward and as much again for its gradient, all alive at the moment the step's activations peak.
+:func:`linear_cross_entropy` computes, ``chunk`` tokens at a time, the same bf16 logits, their fp32 log-sum-exp and
+the loss, and (when a gradient is wanted) the gradients of ``h`` and of the head's weight right away, so nothing of
+size ``tokens x vocab`` outlives its chunk. The backward only scales them by the incoming gradient.
+
+:func:`use_fused_cross_entropy` makes a v5 causal LM use it whenever it is called with ``labels=`` while autograd is
+on: the output head returns the hidden states untouched, and the model's ``loss_function`` (v5's ``ForCausalLMLoss``
+arguments: ``labels``, ``num_items_in_batch``, ``ignore_index``, ``shift_labels``) computes the loss from them. The
+output's ``logits`` is then left out (``None``). A model that changes its logits between the head and the loss
+(soft-capping, scaling) is detected at the first such call and refused with an error naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK_ELEMENTS = 1 << 27  # fp32 logits per chunk: 512 MiB
+
+
+def _chunk_rows(vocab: int, chunk: int | None) -> int:
+    return max(1, chunk if chunk is not None else CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result: unrounded from the GEMM's fp32 accumulator where torch offers it (CUDA)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.mm(a, b).float()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``sum over valid rows of cross_entropy(F.linear(h, W).float(), target) / denom``, gradients computed in
+    forward: already divided by ``denom`` in fp32 before they are rounded to the inputs' dtypes, so that the usual
+    incoming gradient (1) leaves them as they are."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,  # type: ignore[override]
+                chunk: int, denom: torch.Tensor) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        scale = 1.0 / denom.to(device=h.device, dtype=torch.float32)
+        d_h = torch.empty_like(h) if need_h else None
+        d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], target[s:s + chunk]
+            logits = F.linear(hc, weight).float()  # as v5: logits in the weights' dtype, upcast
+            valid = tc != ignore_index
+            safe = torch.where(valid, tc, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            if need_h or need_w:
+                grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
+                grad = grad.mul_((valid * scale).unsqueeze(1)).to(h.dtype)  # rounded once, as v5's gradient is
+                if need_h:
+                    d_h[s:s + chunk] = torch.mm(grad, weight)
+                if need_w:
+                    d_w.add_(_mm_fp32(grad.t(), hc))  # summed over chunks in fp32
+            del logits
+        ctx.save_for_backward(d_h, d_w.to(weight.dtype) if need_w else None)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, d_loss: torch.Tensor):  # type: ignore[override]
+        d_h, d_w = ctx.saved_tensors
+        if bool(d_loss != 1):  # e.g. a loss divided by gradient-accumulation steps: one more rounding
+            d_h = d_h * d_loss.to(d_h.dtype) if d_h is not None else None
+            d_w = d_w * d_loss.to(d_w.dtype) if d_w is not None else None
+        return d_h, d_w, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``F.linear(hidden, weight)`` against ``target`` (``[..., H]`` and ``[...]``), reduced as v5's
+    ``fixed_cross_entropy``: the mean over non-ignored targets (NaN when all are ignored, as torch's), or the sum
+    divided by ``num_items_in_batch``."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1).to(h.device)
+    if h.shape[0] != t.shape[0]:
+        raise ValueError(f"{h.shape[0]} hidden rows but {t.shape[0]} targets")
+    if num_items_in_batch is None:
+        denom = (t != ignore_index).sum()
+    else:
+        denom = torch.as_tensor(num_items_in_batch, device=h.device)
+    return LinearCrossEntropy.apply(h, weight, t, ignore_index, _chunk_rows(weight.shape[0], chunk), denom)
+
+
+class _HiddenAsLogits(torch.Tensor):
+    """What the head returns while the loss is deferred: its input, marked, and the head it skipped. Any operation on
+    it gives a plain tensor, so a model that transforms its logits hands the loss something unmarked."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    head: nn.Module
+
+
+class _DeferredHead:
+    """The output head's forward during a labelled forward: returns its input (marked) instead of logits."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        marked = hidden.as_subclass(_HiddenAsLogits)
+        marked.head = self.head
+        return marked
+
+
+def fused_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                         num_items_in_batch: Any = None, ignore_index: int = -100,
+                         shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    """v5's ``ForCausalLMLoss`` (same arguments), computed by :func:`linear_cross_entropy` when ``logits`` is the
+    head's deferred output; real logits go to v5's own function."""
+    from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: PLC0415
+
+    if not isinstance(logits, _HiddenAsLogits):
+        if logits.shape[-1] != vocab_size:  # the head's marked output was transformed on its way here
+            raise RuntimeError(
+                "fused cross-entropy: this model changes its logits between the output head and the loss "
+                "(soft-capping or scaling); load it with fused_cross_entropy=False"
+            )
+        return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                               ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+    if shift_labels is None:  # as v5's ForCausalLMLoss: tokens < n predict n
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return linear_cross_entropy(logits.as_subclass(torch.Tensor), logits.head.weight, shift_labels, ignore_index,
+                                num_items_in_batch)
+
+
+def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    if kwargs.get("labels") is not None and torch.is_grad_enabled():
+        head = model.get_output_embeddings()
+        head.forward = _DeferredHead(head)
+
+
+def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    head = model.get_output_embeddings()
+    if isinstance(head.__dict__.get("forward"), _DeferredHead):
+        del head.forward
+        logits = getattr(output, "logits", None)
+        if isinstance(logits, _HiddenAsLogits):  # the hidden states are not logits: do not hand them out as such
+            return type(output)(**{k: v for k, v in output.items() if k != "logits"})
+    return output
+
+
+def use_fused_cross_entropy(model: nn.Module) -> None:
+    """Make ``model(..., labels=...)`` compute its loss with :func:`linear_cross_entropy` (see the module docstring).
+    The model must be a v5 causal LM whose output head is a bias-free ``nn.Linear`` and whose loss is v5's causal-LM
+    loss."""
+    from transformers.loss.loss_utils import LOSS_MAPPING  # noqa: PLC0415
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"fused cross-entropy needs a bias-free nn.Linear output head; {type(model).__name__} has "
+                         f"{type(head).__name__ if head is not None else 'none'}")
+    current = model.loss_function
+    if current is fused_causal_lm_loss:
+        return
+    if current is not LOSS_MAPPING["ForCausalLM"]:
+        raise ValueError(f"fused cross-entropy replaces v5's causal-LM loss; {type(model).__name__} uses "
+                         f"{getattr(current, '__name__', current)!r}")
+    model.loss_function = fused_causal_lm_loss
+    model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    model.register_forward_hook(_after_forward, with_kwargs=True, always_call=True)

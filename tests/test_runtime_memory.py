@@ -1,0 +1,193 @@
+"""The memory-lean pieces of the drop-in: RMSNorm that saves only its input, and the causal-LM loss computed from the
+hidden states in chunks. Each is checked against v5's own modules: forward bitwise where the math is the same ops,
+gradients to fp32 rounding, and the bytes kept for backward measured with saved-tensor hooks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from runtime_helpers import FAMILIES, build_checkpoint, rel_err, tiny_config
+from torch import nn
+
+import moe_adapters
+from moe_adapters.runtime.loss import linear_cross_entropy, use_fused_cross_entropy
+from moe_adapters.runtime.norms import matches_rms_norm, rms_norm, use_fused_rms_norms
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct non-parameter storages autograd keeps while ``fn()`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _v5_norm(dim: int, dtype: torch.dtype):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    norm = Qwen3MoeRMSNorm(dim, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=torch.Generator().manual_seed(1)).to(dtype))
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_v5_bitwise_forward_and_backward(dtype):
+    norm = _v5_norm(64, dtype)
+    x = (torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = norm(xa), rms_norm(xb, norm.weight, norm.variance_epsilon)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    d_out = torch.randn(want.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    want_dx, want_dw = torch.autograd.grad(want, (xa, norm.weight), d_out)
+    got_dx, got_dw = torch.autograd.grad(got, (xb, norm.weight), d_out)
+    assert got_dx.dtype == dtype and torch.equal(got_dx, want_dx)  # the backward takes autograd's steps
+    assert got_dw.dtype == dtype and torch.equal(got_dw, want_dw)
+
+
+def test_rms_norm_keeps_only_its_input_and_one_value_per_row():
+    norm = _v5_norm(256, torch.bfloat16)
+    x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
+    v5 = _saved_bytes(lambda: norm(x))
+    ours = _saved_bytes(lambda: rms_norm(x, norm.weight, norm.variance_epsilon))
+    assert ours == x.numel() * 2 + 64 * 4  # x in bf16, rstd in fp32
+    assert v5 >= 2.9 * ours  # v5 keeps the fp32 input (for the square and the product) and the bf16 cast
+
+
+def test_only_norms_with_the_standard_formula_are_swapped():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm  # (1 + w), cast after the multiply
+
+    class Scaled(nn.Module):  # one parameter, an eps, a different formula
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(16)), 1e-6
+
+        def forward(self, x):
+            return x * 2 * self.weight
+
+    model = nn.ModuleDict({"a": _v5_norm(16, torch.float32), "b": Gemma3RMSNorm(16), "c": Scaled()})
+    assert matches_rms_norm(model["a"]) and not matches_rms_norm(model["b"]) and not matches_rms_norm(model["c"])
+    original = type(model["a"])
+    assert use_fused_rms_norms(model) == ["a"]
+    assert isinstance(model["a"], original) and type(model["a"]).__name__ == original.__name__
+    assert type(model["b"]) is Gemma3RMSNorm and type(model["c"]) is Scaled
+    assert use_fused_rms_norms(model) == []  # already swapped
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 16)
+    assert torch.equal(twin["a"](x), model["a"](x)) and list(twin.state_dict()) == ["a.weight", "b.weight", "c.weight"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_in_with_fused_norms_gives_the_same_logits(family, tmp_path):
+    path = build_checkpoint(family, str(tmp_path / "ckpt"), seed=5)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    outs, grads = [], []
+    for fused in (False, True):
+        model = moe_adapters.AutoModelForCausalLM.from_pretrained(path, fused_rms_norm=fused).train()
+        torch.manual_seed(0)  # PhiMoE / MiniMax draw in training
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append(out.logits)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        swapped = {type(m).__name__ for m in model.modules() if getattr(m, "moe_adapters_fused_rms_norm", False)}
+        # left alone by the probe: Qwen3-Next's (1 + w) and gated norms, PhiMoE's LayerNorm, Nemotron-H's gated
+        # norm and Llama 4's weightless L2 norm
+        assert bool(swapped) == (fused and family not in ("qwen3_next", "phimoe"))
+        assert all(n.endswith("RMSNorm") for n in swapped)
+    assert torch.equal(outs[0], outs[1])
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert rel_err(grads[1][name], grads[0][name]) < 1e-4, name
+
+
+def _v5_causal_loss(logits, labels, **kw):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss(logits, labels, logits.shape[-1], **kw)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, None])
+@pytest.mark.parametrize("reduction", ["mean", "num_items", "shift_labels"])
+def test_linear_cross_entropy_matches_v5_loss_and_gradients(chunk, reduction):
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 7, 32, generator=g, dtype=torch.float64).float()
+    w = torch.randn(50, 32, generator=g).mul(0.3)
+    labels = torch.randint(0, 50, (2, 7), generator=g)
+    labels[0, :3] = -100
+    kw: dict = {}
+    if reduction == "num_items":
+        kw["num_items_in_batch"] = torch.tensor(9)
+    if reduction == "shift_labels":
+        kw["shift_labels"] = torch.randint(0, 50, (2, 7), generator=g)
+    ha, wa = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = _v5_causal_loss(F.linear(ha, wa), labels, **kw)
+    hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
+    target = kw.get("shift_labels", F.pad(labels, (0, 1), value=-100)[..., 1:])
+    got = linear_cross_entropy(hb, wb, target, num_items_in_batch=kw.get("num_items_in_batch"), chunk=chunk)
+    assert rel_err(got, want) < 1e-6
+    (want * 3).backward()
+    (got * 3).backward()
+    assert rel_err(hb.grad, ha.grad) < 1e-5 and rel_err(wb.grad, wa.grad) < 1e-5
+    if reduction != "shift_labels":
+        assert hb.grad[0, :2].abs().sum() == 0  # positions whose next token is ignored get no gradient
+
+
+def test_linear_cross_entropy_never_holds_all_logits():
+    h = torch.randn(64, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1000, 16, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 1000, (64,))
+    full = _saved_bytes(lambda: F.cross_entropy(F.linear(h, w).float(), t))
+    fused = _saved_bytes(lambda: linear_cross_entropy(h, w, t, chunk=8))
+    assert full >= 64 * 1000 * 4  # the fp32 log-softmax of every token
+    assert fused <= (h.numel() + w.numel()) * 2 + 64 * 8  # the gradients it already computed, and the targets
+
+
+def test_fused_cross_entropy_on_a_v5_model(tmp_path):
+    path = build_checkpoint("qwen3_moe", str(tmp_path / "ckpt"), seed=6)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, :4] = -100
+    plain = moe_adapters.AutoModelForCausalLM.from_pretrained(path).train()
+    fused = moe_adapters.AutoModelForCausalLM.from_pretrained(path, fused_cross_entropy=True).train()
+    want = plain(input_ids=ids, labels=labels)
+    got = fused(input_ids=ids, labels=labels)
+    assert got.logits is None and "logits" not in got.keys() and rel_err(got.loss, want.loss) < 1e-6
+    want.loss.backward()
+    got.loss.backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-5, name
+    # logits as usual without labels, or without autograd
+    assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+    with torch.no_grad():
+        assert fused(input_ids=ids, labels=labels).logits is not None
+    # a copy (a reference model) uses its own head
+    twin = copy.deepcopy(fused)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2)
+    assert twin(input_ids=ids, labels=labels).loss.item() != fused(input_ids=ids, labels=labels).loss.item()
+
+
+def test_fused_cross_entropy_refuses_models_that_change_their_logits():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(  # Gemma 2 soft-caps its logits between the head and the loss
+        "gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=64, final_logit_softcapping=30.0,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).train()
+    use_fused_cross_entropy(model)
+    ids = torch.randint(0, 64, (1, 6))
+    with pytest.raises(RuntimeError, match="changes its logits"):
+        model(input_ids=ids, labels=ids)
+    assert model(input_ids=ids).logits.shape == (1, 6, 64)  # the failed call left the head as it was
+    with pytest.raises(ValueError, match="bias-free"):
+        use_fused_cross_entropy(nn.Module())
