@@ -12,6 +12,7 @@
 #   eager    2+ GPUs: v5 FSDP with experts_implementation="eager" (slow: 2 timed steps)
 #   single   1+ GPUs: one GPU, SINGLE_LAYERS (12) layers: ours (EP=1), ours with v5's norms and loss (--no-lean), and
 #            v5 (grouped_mm); then ours --no-lean and v5 again with foreach AdamW (the optimizer of earlier runs)
+#   normloss one GPU: the output head's loss and RMSNorm fwd+bwd, v5's against ours (chunked loss, compiled norm)
 #   block    one MoE block fwd+bwd, v5 grouped_mm vs ours (and ours with the TE backend when TE imports)
 #   permute  TE importable: TE's fused moe_permute/moe_unpermute vs ours
 #   tests    the CUDA tests (bf16 equivalence for every family and backend, NCCL EP, DeepEP vs all_to_all)
@@ -29,7 +30,7 @@ LAYERS=${LAYERS:-48}
 SCALING_LAYERS=${SCALING_LAYERS:-12}
 SINGLE_LAYERS=${SINGLE_LAYERS:-12}
 BATCH=${BATCH:-2}
-STEPS=${STEPS:-train scaling deepep eager single block permute tests report}
+STEPS=${STEPS:-train scaling deepep eager single normloss block permute tests report}
 
 has() { python3 -c "import $1" >/dev/null 2>&1; }
 multi() { [ "$GPUS" -ge 2 ] || { echo "skipped: needs 2+ GPUs, this machine has $GPUS"; return 1; }; }
@@ -51,6 +52,7 @@ for step in $STEPS; do
             one --setups ours_ep1 --no-lean --out "$OUT/single_plain" &&
             one --setups ours_ep1,v5_single --no-lean --optimizer foreach --out "$OUT/single_foreach" ;;
         eager) multi && train --setups v5_fsdp_eager --steps 2 --warmup 1 --out "$OUT/eager" ;;
+        normloss) python3 benchmarks/gpu_norm_loss.py --out "$OUT/norm_loss" ;;
         block) python3 benchmarks/gpu_block.py --impls v5_grouped_mm,ours,ours_te --budget-s 300 ${BLOCK_ARGS:-} \
             --out "$OUT/block" ;;
         permute) { has transformer_engine.pytorch || { echo "skipped: transformer_engine does not import"; false; }; } &&

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from runtime_helpers import FAMILIES, build_checkpoint, rel_err, tiny_config
+from runtime_helpers import FAMILIES, build_checkpoint, rel_err
 from torch import nn
 
 import moe_adapters
@@ -191,3 +191,28 @@ def test_fused_cross_entropy_refuses_models_that_change_their_logits():
     assert model(input_ids=ids).logits.shape == (1, 6, 64)  # the failed call left the head as it was
     with pytest.raises(ValueError, match="bias-free"):
         use_fused_cross_entropy(nn.Module())
+
+
+def test_the_functions_compiled_on_cuda_trace_as_one_graph():
+    """What CUDA compiles (inductor, one kernel per direction) traces without graph breaks and computes the same
+    (checked here through aot_eager: tracing and autograd decomposition, no C++ compiler needed)."""
+    from moe_adapters.runtime.loss import cross_entropy_chunk_math
+    from moe_adapters.runtime.norms import rms_norm_backward_math, rms_norm_forward_math
+
+    def traced(fn):
+        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+
+    logits = torch.randn(5, 50).bfloat16()
+    target = torch.randint(0, 50, (5,))
+    target[0] = -100
+    for with_grad in (True, False):
+        want = cross_entropy_chunk_math(logits, target, -100, torch.tensor(0.25), with_grad)
+        got = traced(cross_entropy_chunk_math)(logits, target, -100, torch.tensor(0.25), with_grad)
+        assert torch.equal(got[0], want[0]) and (got[1] is None) == (want[1] is None)
+        assert want[1] is None or torch.equal(got[1], want[1])
+    x, w, d = torch.randn(3, 4, 64).bfloat16(), torch.randn(64).bfloat16(), torch.randn(3, 4, 64).bfloat16()
+    out, rstd = rms_norm_forward_math(x, w, 1e-6)
+    got_out, got_rstd = traced(rms_norm_forward_math)(x, w, 1e-6)
+    assert torch.equal(got_out, out) and torch.equal(got_rstd, rstd)
+    for a, b in zip(traced(rms_norm_backward_math)(x, w, rstd, d), rms_norm_backward_math(x, w, rstd, d)):
+        assert torch.equal(a, b)

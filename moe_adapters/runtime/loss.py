@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiled import compiled, use_compiled
+
 CHUNK_ELEMENTS = 1 << 27  # fp32 logits per chunk: 512 MiB
 
 
@@ -29,14 +31,37 @@ def _chunk_rows(vocab: int, chunk: int | None) -> int:
     return max(1, chunk if chunk is not None else CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result: unrounded from the GEMM's fp32 accumulator where torch offers it (CUDA)."""
-    if a.is_cuda and a.dtype != torch.float32:
+def cross_entropy_chunk_math(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, scale: torch.Tensor,
+                             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For one chunk of logits ``[C, V]`` (the head's dtype): the summed cross-entropy of its valid rows (fp32, as
+    v5's upcast logits give) and, ``with_grad``, ``(softmax - onehot) * scale`` for valid rows, rounded once to the
+    logits' dtype. On CUDA this is compiled: one pass for the log-sum-exp, one for the gradient, no fp32 copy."""
+    x = logits.float()
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+    loss = torch.where(valid, lse - picked, 0.0).sum()
+    if not with_grad:
+        return loss, None
+    onehot = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == safe.unsqueeze(1)
+    grad = (torch.exp(x - lse.unsqueeze(1)) - onehot.float()) * (valid.float() * scale).unsqueeze(1)
+    return loss, grad.to(logits.dtype)
+
+
+_ADDMM_OUT_DTYPE = [True]  # torch.addmm(..., out_dtype=float32) into an fp32 accumulator, until it fails once
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` and bf16/fp16 ``a``, ``b``: in the GEMM itself where torch offers an fp32
+    output for them (CUDA), else a GEMM and an add."""
+    if a.is_cuda and a.dtype != acc.dtype and _ADDMM_OUT_DTYPE[0]:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
         except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    return torch.mm(a, b).float()
+            _ADDMM_OUT_DTYPE[0] = False
+    acc.add_(torch.mm(a, b))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -48,27 +73,21 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,  # type: ignore[override]
                 chunk: int, denom: torch.Tensor) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with_grad = need_h or need_w
+        step = compiled(cross_entropy_chunk_math) if use_compiled(h) else cross_entropy_chunk_math
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         scale = 1.0 / denom.to(device=h.device, dtype=torch.float32)
         d_h = torch.empty_like(h) if need_h else None
         d_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s:s + chunk], target[s:s + chunk]
-            logits = F.linear(hc, weight).float()  # as v5: logits in the weights' dtype, upcast
-            valid = tc != ignore_index
-            safe = torch.where(valid, tc, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-            total += torch.where(valid, lse - picked, 0.0).sum()
-            if need_h or need_w:
-                grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
-                grad.scatter_add_(1, safe.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
-                grad = grad.mul_((valid * scale).unsqueeze(1)).to(h.dtype)  # rounded once, as v5's gradient is
-                if need_h:
-                    d_h[s:s + chunk] = torch.mm(grad, weight)
-                if need_w:
-                    d_w.add_(_mm_fp32(grad.t(), hc))  # summed over chunks in fp32
-            del logits
+            hc = h[s:s + chunk]
+            loss, grad = step(F.linear(hc, weight), target[s:s + chunk], ignore_index, scale, with_grad)
+            total += loss
+            if need_h:
+                torch.mm(grad, weight, out=d_h[s:s + chunk])
+            if need_w:
+                _addmm_fp32_(d_w, grad.t(), hc)  # summed over chunks in fp32
+            del grad
         ctx.save_for_backward(d_h, d_w.to(weight.dtype) if need_w else None)
         return total * scale
 
