@@ -312,3 +312,21 @@ def gpu_ep_worker(rank: int, world: int, path: str, out_dir: str, dispatcher: st
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+
+
+def ep_checkpointing_worker(rank: int, world: int, path: str, out_dir: str) -> None:
+    """EP = world, fp32: the raw gradients of this rank's micro-batch without and then with v5's activation
+    checkpointing (the backward recomputes each layer, its all-to-all exchanges included), fused loss on."""
+    import moe_adapters
+
+    ids, labels = rank_inputs(world)[rank]
+    model = moe_adapters.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, fused_cross_entropy=True)
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
