@@ -272,6 +272,28 @@ def count_gpu_ops_and_syncs(block, x, go, device) -> dict:
     return res
 
 
+def kernel_profile(block, x, go, path: str) -> dict:
+    """One step under torch.profiler: the top kernels by GPU time (written to ``path``) and how busy the GPU was
+    (kernel time / wall time of the step): below 1, the step waits on the host (launches, syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    zero_grads(block, x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(block, x, go)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    avg = prof.key_averages()
+    table = avg.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    with open(path, "w") as f:
+        f.write(table)
+    from torch.autograd import DeviceType
+
+    kernel_us = sum(e.device_time_total for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA)
+    return {"profile_kernel_ms": kernel_us / 1e3, "profile_wall_ms": wall_ms}
+
+
 def expert_flops(dims: dict, tokens: int) -> float:
     mats = 3 if dims["gated"] else 2
     return 6.0 * tokens * dims["k"] * mats * dims["H"] * dims["I"]
@@ -487,6 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--no-check", action="store_true", help="skip the fp32 reference / correctness check")
     ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="one profiled step per configuration: kernel tables")
     ap.add_argument("--budget-s", type=float, default=225.0, help="start no configuration after this many seconds")
     ap.add_argument("--out", default=None, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = ap.parse_args(argv)
@@ -574,6 +597,9 @@ def main(argv=None) -> int:
                     row.update(memory_profile(block, x, go, device))
                     if T == min(tokens):
                         row.update(count_gpu_ops_and_syncs(block, x, go, device))
+                    if args.profile and device.type == "cuda":
+                        prefix = args.out or os.path.join(os.environ.get("OUT", "."), "block")
+                        row.update(kernel_profile(block, x, go, f"{prefix}_profile_{model}_{impl}_{T}.txt"))
                     if ref is not None and T == check_tokens:
                         zero_grads(block, x)
                         xc = ref["x"].to(dtype).clone().requires_grad_()

@@ -16,10 +16,8 @@ masked, and ~72% of an EP=4 rank's slots are dropped) and even at EP 2, so the l
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +25,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+from benchmarks.cuda_timing import parse_args, timed  # noqa: E402
 
 
 def received_ids(tokens: int, ep: int, experts: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -40,14 +40,8 @@ def received_ids(tokens: int, ep: int, experts: int, k: int, gen: torch.Generato
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--ep", type=int, default=4)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs CUDA")
+    args = parse_args(__doc__, "8192", 20, lambda ap: ap.add_argument("--ep", type=int, default=4))
+    if args is None:
         return 1
     from moe_adapters.runtime.experts import _gather_sum, plan_slots
 
@@ -57,7 +51,7 @@ def main() -> int:
         return rows.view(num_rows, k, y.shape[-1]).sum(1).to(torch.bfloat16)
 
     gen = torch.Generator("cuda").manual_seed(0)
-    ids = received_ids(args.tokens, args.ep, 128, 8, gen)
+    ids = received_ids(int(args.tokens), args.ep, 128, 8, gen)
     plan = plan_slots(ids, 128 // args.ep)
     y = torch.randn(plan.n, 2048, device="cuda", generator=gen).to(torch.bfloat16)
     R = ids.shape[0]
@@ -65,31 +59,16 @@ def main() -> int:
     inv.scatter_(0, plan.perm, torch.arange(plan.n, device="cuda"))
     compiled = torch.compile(masked_gather_sum, dynamic=True, fullgraph=True)
 
-    def index_add():
-        acc = torch.zeros(R, y.shape[1], dtype=torch.float32, device="cuda")
-        acc.index_add_(0, plan.rows, y.float())
-        return acc.to(torch.bfloat16)
-
     impls = {"index_add fp32 (ours: _gather_sum)": lambda: _gather_sum(y, plan, torch.bfloat16),
              "masked gather-sum, compiled": lambda: compiled(y, inv, R, 8)}
-    want = index_add()
+    want = _gather_sum(y, plan, torch.bfloat16)
     rows = []
     print(f"# EP={args.ep} combine, {R} received rows, {plan.n} valid slots of {R * 8}, H 2048, bf16 "
           f"({torch.cuda.get_device_name()}, torch {torch.__version__})\n")
     print("| implementation | ms | GB/s (valid rows read + output written) | max abs diff vs index_add |")
     print("|---|---:|---:|---:|")
     for name, fn in impls.items():
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(args.iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            out = fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        ms = statistics.median(times)
+        ms, _, out = timed(fn, args.iters)
         gbs = (y.numel() * 2 + R * 2048 * 2) / ms / 1e6
         diff = float((out.float() - want.float()).abs().max())
         rows.append({"impl": name, "ms": ms, "gb_s": gbs, "max_abs_diff": diff})

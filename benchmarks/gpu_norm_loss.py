@@ -16,10 +16,8 @@ the largest relative difference of the gradients, as a check that the two comput
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +26,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.cuda_timing import parse_args, timed  # noqa: E402
 
 H, V = 2048, 151936
 
@@ -44,27 +44,6 @@ def run(impl: str, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor):
         loss = linear_cross_entropy(hh, ww, F.pad(labels, (0, 1), value=-100)[..., 1:])
     loss.backward()
     return loss.detach(), hh.grad, ww.grad
-
-
-def timed(fn, iters: int) -> tuple[float, float, object]:
-    """(median ms, peak GiB above the starting allocation, the last result) of ``fn()`` after two warmup calls."""
-    for _ in range(2):
-        out = fn()
-    del out
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    times = []
-    for i in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-        if i < iters - 1:
-            del out
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30, out
 
 
 def measure(impl: str, tokens: int, iters: int) -> dict:
@@ -97,13 +76,8 @@ def measure_norm(impl: str, shape: tuple[int, ...], iters: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", default="4096,8192,16384")
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs CUDA")
+    args = parse_args(__doc__, "4096,8192,16384", 10)
+    if args is None:
         return 1
     import transformers
 

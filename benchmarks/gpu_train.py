@@ -27,8 +27,9 @@ processes, fresh memory) and prints the comparison. Setups (``--setups``):
 Model: the real Qwen3-30B-A3B config (``--config``, default ``../shared/realmodels/Qwen3-30B-A3B/config.json``; the
 same values are built in, used when that file is absent) with ``num_hidden_layers = --layers``; bf16 parameters,
 AdamW (lr 1e-5, states in the parameter dtype, ``--optimizer fused`` by default, the same for every setup), SDPA
-attention, no activation checkpointing. Ours loads with ``fused_rms_norm`` and ``fused_cross_entropy`` (``--no-lean``:
-v5's own norms and loss, setup name ``ours_plain``). Data: ``--batch`` sequences of ``--seq`` random token ids per GPU (different per rank), labels = ids.
+attention, no activation checkpointing. Ours loads with ``fused_rms_norm`` and ``fused_cross_entropy``
+(``--no-lean``: v5's own norms and loss, setup names ``ours_plain`` / ``ours_ep1_plain``). Data: ``--batch``
+sequences of ``--seq`` random token ids per GPU (different per rank), labels = ids.
 
 Reported per setup (rank 0 gathers every rank): median step time over ``--steps`` steps after ``--warmup``; tokens/s
 per GPU; model TFLOP/s per GPU = tokens/s x (6 x active parameters + 6 x layers x seq x heads x head_dim) / 1e12

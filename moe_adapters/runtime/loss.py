@@ -11,7 +11,7 @@ size ``tokens x vocab`` outlives its chunk. The backward only scales them by the
 on: the output head returns the hidden states untouched, and the model's ``loss_function`` (v5's ``ForCausalLMLoss``
 arguments: ``labels``, ``num_items_in_batch``, ``ignore_index``, ``shift_labels``) computes the loss from them. The
 output's ``logits`` is then left out (``None``). A model that changes its logits between the head and the loss
-(soft-capping, scaling) is detected at the first such call and refused with an error naming it.
+(soft-capping, scaling) is detected at the first such call and refused with an error.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from .compiled import compiled, use_compiled
 
-CHUNK_ELEMENTS = 1 << 27  # fp32 logits per chunk: 512 MiB
+CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MiB in bf16 (and 512 MiB of fp32 where they are upcast: CPU)
 
 
 def _chunk_rows(vocab: int, chunk: int | None) -> int:

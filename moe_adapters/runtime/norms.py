@@ -2,7 +2,7 @@
 
 transformers v5 writes RMSNorm as eager torch (``w * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(dtype)``), so
 autograd keeps the fp32 copy of the input and the bf16 cast of the normalised value: measured on Qwen3-30B-A3B,
-the four norms of a decoder layer (input, post-attention, per-head q and k) hold 51 of the 123 KiB per token that a
+the four norms of a decoder layer (input, post-attention, per-head q and k) hold 51 of the 103 KiB per token that a
 layer saves for backward (``benchmarks/activation_memory.py``). :class:`RMSNormFunction` computes the same forward and
 saves only the input and one fp32 ``rstd`` per row; the backward recomputes the rest, taking autograd's steps. On
 CPU both directions are v5's ops in v5's order, bit for bit (in fp32 the input's gradient arrives as one sum where
@@ -49,16 +49,23 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        fwd = compiled(rms_norm_forward_math) if use_compiled(x) else rms_norm_forward_math
-        out, rstd = fwd(x, weight, eps)
+        if use_compiled(x):  # rows x width: one compiled graph per width, whatever the batch and sequence
+            out, rstd = compiled(rms_norm_forward_math)(x.reshape(-1, x.shape[-1]), weight, eps)
+            out = out.view(x.shape)
+        else:
+            out, rstd = rms_norm_forward_math(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
-        bwd = compiled(rms_norm_backward_math) if use_compiled(x) else rms_norm_backward_math
-        d_x, d_w = bwd(x, weight, rstd, d_out.contiguous())
+        if use_compiled(x):
+            H = x.shape[-1]
+            d_x, d_w = compiled(rms_norm_backward_math)(x.reshape(-1, H), weight, rstd, d_out.reshape(-1, H))
+            d_x = d_x.view(x.shape)
+        else:
+            d_x, d_w = rms_norm_backward_math(x, weight, rstd, d_out)
         return d_x, (d_w if ctx.needs_input_grad[1] else None), None
 
 
