@@ -94,9 +94,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_loss: torch.Tensor):  # type: ignore[override]
         d_h, d_w = ctx.saved_tensors
-        if bool(d_loss != 1):  # e.g. a loss divided by gradient-accumulation steps: one more rounding
-            d_h = d_h * d_loss.to(d_h.dtype) if d_h is not None else None
-            d_w = d_w * d_loss.to(d_w.dtype) if d_w is not None else None
+        scale = float(d_loss)  # a Python float: the kernels multiply in fp32, the factor itself is not rounded
+        if scale != 1.0:  # e.g. a loss divided by gradient-accumulation steps: one more rounding
+            d_h = d_h * scale if d_h is not None else None
+            d_w = d_w * scale if d_w is not None else None
         return d_h, d_w, None, None, None, None
 
 
