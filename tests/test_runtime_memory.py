@@ -99,9 +99,9 @@ def test_drop_in_with_fused_norms_gives_the_same_logits(family, tmp_path):
         outs.append(out.logits)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
         swapped = {type(m).__name__ for m in model.modules() if getattr(m, "moe_adapters_fused_rms_norm", False)}
-        # left alone by the probe: Qwen3-Next's (1 + w) and gated norms, PhiMoE's LayerNorm, Nemotron-H's gated
-        # norm and Llama 4's weightless L2 norm
-        assert bool(swapped) == (fused and family not in ("qwen3_next", "phimoe"))
+        # left alone by the probe: Qwen3-Next's (1 + w) and gated norms, PhiMoE's LayerNorm, gpt-oss's and
+        # Nemotron-H's (w * x).to(dtype) and Nemotron-H's gated norm (and Llama 4's weightless L2 norm)
+        assert bool(swapped) == (fused and family not in ("qwen3_next", "phimoe", "gpt_oss", "nemotron_h"))
         assert all(n.endswith("RMSNorm") for n in swapped)
     assert torch.equal(outs[0], outs[1])
     assert grads[0].keys() == grads[1].keys()
@@ -262,3 +262,81 @@ def test_a_compiled_model_with_fused_norms_and_loss_trains_like_the_eager_one(tm
     assert rel_err(compiled_loss, eager_loss) < 1e-6 and eager.keys() == grads.keys()
     for name in eager:
         assert rel_err(grads[name], eager[name]) < 1e-5, name
+
+
+def _fused_and_plain(tmp_path, family: str, **load):
+    path = build_checkpoint(family, str(tmp_path / family), seed=11)
+    fused = moe_adapters.AutoModelForCausalLM.from_pretrained(path, fused_cross_entropy=True, **load).train()
+    plain = moe_adapters.AutoModelForCausalLM.from_pretrained(path, **load).train()
+    return fused, plain
+
+
+def test_fused_loss_under_autocast_runs_the_head_in_the_autocast_dtype(tmp_path):
+    """HF Trainer's ``bf16=True`` on fp32 weights: the loss and gradients under ``torch.autocast`` match v5's."""
+    fused, plain = _fused_and_plain(tmp_path, "qwen3_moe")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for model in (plain, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append(out.loss.detach())
+        assert model.lm_head.weight.grad.dtype == torch.float32
+    assert rel_err(outs[1], outs[0]) < 1e-3
+    assert rel_err(fused.lm_head.weight.grad, plain.lm_head.weight.grad) < 2e-2
+
+
+def test_every_target_ignored_gives_zero_gradients_not_nan(tmp_path):
+    """A batch whose labels are all -100 (a truncated SFT answer): the loss is NaN as torch's mean is, but the
+    gradients are zero, as v5's, so an optimizer step leaves the weights finite."""
+    fused, plain = _fused_and_plain(tmp_path, "qwen3_moe")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(0)}):
+        for model in (plain, fused):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=labels, **kwargs).loss
+            assert torch.isnan(loss)
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_return_dict_false_leaves_the_logits_out(tmp_path):
+    fused, plain = _fused_and_plain(tmp_path, "qwen3_moe")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    got = fused(input_ids=ids, labels=ids, return_dict=False)
+    want = plain(input_ids=ids, labels=ids, return_dict=False)
+    assert len(got) == len(want) - 1 and rel_err(got[0], want[0]) < 1e-6
+    assert not any(isinstance(x, torch.Tensor) and x.dim() == 3 for x in got[1:])  # no [B, T, *] tensor left
+
+
+def test_a_model_that_upcasts_its_logits_is_served_in_bf16(tmp_path):
+    """Nemotron-H's forward does ``lm_head(h).float()``: a dtype change keeps the deferred head's mark."""
+    fused, plain = _fused_and_plain(tmp_path, "nemotron_h", dtype=torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    got, want = fused(input_ids=ids, labels=ids), plain(input_ids=ids, labels=ids)
+    assert got.logits is None and rel_err(got.loss, want.loss) < 1e-3
+
+
+def test_norms_are_probed_in_fp32_and_bf16(tmp_path):
+    """gpt-oss's norm rounds after the weight multiply: equal to the standard formula in fp32 only, so it is not
+    swapped even when loaded in fp32 (a later ``.to(bfloat16)`` would otherwise change its outputs), even with the
+    all-ones weights of a fresh model."""
+    from transformers import AutoModelForCausalLM
+    from runtime_helpers import tiny_config
+
+    path = build_checkpoint("gpt_oss", str(tmp_path / "ckpt"), seed=12)
+    model = moe_adapters.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(tiny_config("gpt_oss"), dtype=torch.float32)
+    assert use_fused_rms_norms(fresh) == []
+    assert not any(getattr(m, "moe_adapters_fused_rms_norm", False) for m in model.modules())
+
+
+def test_a_frozen_model_called_with_grad_on_still_returns_logits(tmp_path):
+    """A teacher / reference model with every parameter frozen, called without ``no_grad``: nothing to train, so
+    the head is not deferred and the logits come back."""
+    fused, _ = _fused_and_plain(tmp_path, "qwen3_moe")
+    fused.requires_grad_(False)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert fused(input_ids=ids, labels=ids).logits.shape == (2, 8, 64)

@@ -8,14 +8,17 @@ the loss, and (when a gradient is wanted) the gradients of ``h`` and of the head
 size ``tokens x vocab`` outlives its chunk. The backward only scales them by the incoming gradient.
 
 :func:`use_fused_cross_entropy` makes a v5 causal LM use it whenever it is called with ``labels=`` while autograd is
-on: the output head returns the hidden states untouched, and the model's ``loss_function`` (v5's ``ForCausalLMLoss``
-arguments: ``labels``, ``num_items_in_batch``, ``ignore_index``, ``shift_labels``) computes the loss from them. The
-output's ``logits`` is then left out (``None``). A model that changes its logits between the head and the loss
-(soft-capping, scaling) is detected at the first such call and refused with an error.
+on and some parameter requires a gradient: the output head returns the hidden states untouched, and the model's
+``loss_function`` (v5's ``ForCausalLMLoss`` arguments: ``labels``, ``num_items_in_batch``, ``ignore_index``,
+``shift_labels``) computes the loss from them. The output's ``logits`` is then left out (``None``; dropped from the
+tuple with ``return_dict=False``). Under ``torch.autocast`` the head's GEMMs run in the autocast dtype, as the head
+would. A model that changes its logits between the head and the loss (soft-capping, scaling; an upcast is fine) is
+detected at the first such call and refused with an error.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -45,7 +48,8 @@ def cross_entropy_chunk_math(logits: torch.Tensor, target: torch.Tensor, ignore_
     if not with_grad:
         return loss, None
     onehot = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == safe.unsqueeze(1)
-    grad = (torch.exp(x - lse.unsqueeze(1)) - onehot.float()) * (valid.float() * scale).unsqueeze(1)
+    factor = torch.where(valid, scale, 0.0)  # not valid * scale: 0 * inf is NaN when every target is ignored
+    grad = (torch.exp(x - lse.unsqueeze(1)) - onehot.float()) * factor.unsqueeze(1)
     return loss, grad.to(logits.dtype)
 
 
@@ -120,15 +124,41 @@ def linear_cross_entropy(
         denom = (t != ignore_index).sum()
     else:
         denom = torch.as_tensor(num_items_in_batch, device=h.device)
-    return LinearCrossEntropy.apply(h, weight, t, ignore_index, _chunk_rows(weight.shape[0], chunk), denom)
+    rows = _chunk_rows(weight.shape[0], chunk)
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):  # as autocast would run the head: both in its dtype (the casts' backward
+        dtype = torch.get_autocast_dtype(dev)  # returns the gradients in the inputs' own dtypes)
+        with torch.autocast(dev, enabled=False):
+            return LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), t, ignore_index, rows, denom)
+    return LinearCrossEntropy.apply(h, weight, t, ignore_index, rows, denom)
 
 
 class _HiddenAsLogits(torch.Tensor):
-    """What the head returns while the loss is deferred: its input, marked, and the head it skipped. Any operation on
-    it gives a plain tensor, so a model that transforms its logits hands the loss something unmarked."""
+    """What the head returns while the loss is deferred: its input, marked, and the head it skipped. A change of
+    dtype or device keeps the mark (Nemotron-H upcasts its logits with ``.float()``); any other operation gives a
+    plain tensor, so a model that transforms its logits hands the loss something unmarked."""
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
     head: nn.Module
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        if (func in _KEEPS_MARK and isinstance(src, _HiddenAsLogits) and isinstance(out, torch.Tensor)
+                and out.shape == src.shape):
+            return _mark(out, src.head)
+        return out
+
+
+_KEEPS_MARK = (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double, torch.Tensor.to,
+               torch.Tensor.type_as, torch.Tensor.cuda, torch.Tensor.cpu)
+
+
+def _mark(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    marked = hidden.as_subclass(_HiddenAsLogits)
+    marked.head = head
+    return marked
 
 
 class _DeferredHead:
@@ -138,20 +168,27 @@ class _DeferredHead:
         self.head = head
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        marked = hidden.as_subclass(_HiddenAsLogits)
-        marked.head = self.head
-        return marked
+        return _mark(hidden, self.head)
+
+
+_ACTIVE = threading.local()  # the heads deferred by forwards now running in this thread
+
+
+def _deferred_heads() -> list:
+    if not hasattr(_ACTIVE, "heads"):
+        _ACTIVE.heads = []
+    return _ACTIVE.heads
 
 
 def fused_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                          num_items_in_batch: Any = None, ignore_index: int = -100,
                          shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
     """v5's ``ForCausalLMLoss`` (same arguments), computed by :func:`linear_cross_entropy` when ``logits`` is the
-    head's deferred output; real logits go to v5's own function."""
+    head's deferred output; real logits (a forward that did not defer its head) go to v5's own function."""
     from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: PLC0415
 
     if not isinstance(logits, _HiddenAsLogits):
-        if logits.shape[-1] != vocab_size:  # the head's marked output was transformed on its way here
+        if _deferred_heads():  # the head's marked output was transformed on its way here
             raise RuntimeError(
                 "fused cross-entropy: this model changes its logits between the output head and the loss "
                 "(soft-capping or scaling); load it with fused_cross_entropy=False"
@@ -160,23 +197,36 @@ def fused_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size:
                                ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
     if shift_labels is None:  # as v5's ForCausalLMLoss: tokens < n predict n
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return linear_cross_entropy(logits.as_subclass(torch.Tensor), logits.head.weight, shift_labels, ignore_index,
-                                num_items_in_batch)
+    weight = logits.head.weight
+    hidden = logits.as_subclass(torch.Tensor)
+    if not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(weight.dtype)  # undo an upcast made on the way (the head would have run in its dtype)
+    return linear_cross_entropy(hidden, weight, shift_labels, ignore_index, num_items_in_batch)
+
+
+def _wants_grad(model: nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
 
 
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    if kwargs.get("labels") is not None and torch.is_grad_enabled():
+    if kwargs.get("labels") is not None and _wants_grad(model):
         head = model.get_output_embeddings()
         head.forward = _DeferredHead(head)
+        _deferred_heads().append(head)
 
 
 def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     head = model.get_output_embeddings()
-    if isinstance(head.__dict__.get("forward"), _DeferredHead):
-        del head.forward
-        logits = getattr(output, "logits", None)
-        if isinstance(logits, _HiddenAsLogits):  # the hidden states are not logits: do not hand them out as such
-            return type(output)(**{k: v for k, v in output.items() if k != "logits"})
+    if not isinstance(head.__dict__.get("forward"), _DeferredHead):
+        return output
+    del head.forward
+    heads = _deferred_heads()
+    if head in heads:
+        heads.remove(head)
+    if isinstance(output, tuple):  # return_dict=False: the hidden states are not logits; left out, as a None is
+        return tuple(x for x in output if not isinstance(x, _HiddenAsLogits))
+    if isinstance(getattr(output, "logits", None), _HiddenAsLogits):
+        return type(output)(**{k: v for k, v in output.items() if k != "logits"})
     return output
 
 

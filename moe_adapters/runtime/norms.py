@@ -16,6 +16,8 @@ No family is named here; the probe decides.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -89,7 +91,8 @@ _SWAPPED: dict[type, type] = {}
 
 def _fused_class(cls: type) -> type:
     """A subclass of the norm's own class (same name, so isinstance checks, ``_init_weights`` and printing see the
-    original) whose forward is :func:`rms_norm`; one per class, so ``deepcopy`` and pickling of the class work."""
+    original) whose forward is :func:`rms_norm`; one per class, so ``deepcopy`` keeps it. (Pickling a whole model
+    object is not supported: the runtime's routers are generated classes too; ``save_pretrained`` is the way.)"""
     if cls not in _SWAPPED:
 
         def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -101,9 +104,10 @@ def _fused_class(cls: type) -> type:
 
 
 def matches_rms_norm(module: nn.Module) -> bool:
-    """True when ``module(x)`` is bitwise :func:`rms_norm_forward_math` on probe inputs (fp32, and the weight's
-    dtype), so swapping its forward changes no output. A norm with other parameters, buffers or children, another
-    formula, or a forward that needs more arguments, is not one."""
+    """True when ``module(x)`` is bitwise :func:`rms_norm_forward_math` on probe inputs, for a copy of the module with
+    random weights in fp32 and in bf16 (a model may be cast after loading, and some formulas agree in fp32 only, e.g.
+    gpt-oss's and Nemotron-H's ``(w * x).to(dtype)``), so swapping its forward changes no output. A norm with other parameters, buffers or
+    children, another formula, or a forward that needs more arguments, is not one."""
     w = getattr(module, "weight", None)
     eps = _eps_of(module)
     if (not isinstance(w, nn.Parameter) or w.dim() != 1 or w.is_meta or eps is None or list(module.children())
@@ -112,12 +116,15 @@ def matches_rms_norm(module: nn.Module) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     try:
         with torch.no_grad():
-            for dtype, scale in ((w.dtype, 1.0), (w.dtype, 37.0), (torch.float32, 0.01)):
-                x = (torch.randn(3, 2, w.shape[0], generator=g) * scale).to(device=w.device, dtype=dtype)
-                got = module(x)
-                want = rms_norm_forward_math(x, w, eps)[0]
-                if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
-                    return False
+            for dtype in (torch.float32, torch.bfloat16):
+                probe = copy.deepcopy(module).to(dtype)  # with weights that tell formulas apart (not all ones)
+                probe.weight.copy_(1 + torch.randn(w.shape[0], generator=g).to(device=w.device, dtype=dtype))
+                for scale in (1.0, 37.0, 0.01):
+                    x = (torch.randn(3, 2, w.shape[0], generator=g) * scale).to(device=w.device, dtype=dtype)
+                    got = probe(x)
+                    want = rms_norm_forward_math(x, probe.weight, eps)[0]
+                    if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+                        return False
     except Exception:  # noqa: BLE001 - a norm that does not take (x) alone is simply not this formula
         return False
     return True
