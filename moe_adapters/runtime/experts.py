@@ -632,8 +632,6 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(shape(H, I), **kw))
         if bias:
             self.down_proj_bias = nn.Parameter(torch.empty(E, H, **kw))
-        for p in self.parameters():
-            p._moe_expert = True  # type: ignore[attr-defined]  # read by sync_gradients: not data-parallel
         self._te = TEGroupedLinear()
 
     @property

@@ -147,11 +147,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, requires_grad:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     if attr in mod._parameters:
-        old = mod._parameters[attr]
-        p = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
-        if getattr(old, "_moe_expert", False):
-            p._moe_expert = True  # type: ignore[attr-defined]
-        mod._parameters[attr] = p
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
     elif attr in mod._buffers:
         mod._buffers[attr] = value
     else:
@@ -331,6 +327,7 @@ def _load(model: nn.Module, reader: Any, dtype: torch.dtype, device: torch.devic
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     fp32 = _fp32_patterns(model, dtype)
     missing = []
+    expert_ids = _expert_ids(model)
     for name, t in model.state_dict(keep_vars=True).items():
         mxfp4 = name not in have and f"{name}_blocks" in have and f"{name}_scales" in have  # gpt-oss's published form
         if name not in have and not mxfp4:
@@ -338,7 +335,7 @@ def _load(model: nn.Module, reader: Any, dtype: torch.dtype, device: torch.devic
                 continue
             missing.append(name)
             continue
-        expert = bool(getattr(t, "_moe_expert", False))
+        expert = id(t) in expert_ids
         rng = None
         if expert:
             n = t.shape[0]
@@ -362,14 +359,9 @@ def _load(model: nn.Module, reader: Any, dtype: torch.dtype, device: torch.devic
 # --- parameters and gradients --------------------------------------------------------------------------------------
 
 
-def is_expert_param(p: torch.Tensor) -> bool:
-    """Whether `p` was created as a routed-expert parameter. A marker on the tensor: ``load_state_dict(assign=True)``,
-    ``deepcopy`` or swapped ``.to()`` make new parameters without it, so the functions below ask the modules."""
-    return bool(getattr(p, "_moe_expert", False))
-
-
 def _expert_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters that live in a routed-experts module (whatever was done to the parameter objects)."""
+    """ids of the parameters that live in a routed-experts module. Asked of the modules, not marked on the tensors:
+    ``load_state_dict(assign=True)``, ``deepcopy`` or a swapped ``.to()`` make new parameter objects."""
     from .experts import GroupedExperts
 
     return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
@@ -449,8 +441,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     """
     if norm_type not in (2, 2.0, float("inf")):
         raise ValueError(f"norm_type must be 2 or inf, got {norm_type}")
-    dense = [p.grad for _, p in dense_parameters(model) if p.grad is not None]
-    experts = [p.grad for _, p in expert_parameters(model) if p.grad is not None]
+    expert_ids = _expert_ids(model)
+    grads = [(id(p) in expert_ids, p.grad) for p in model.parameters() if p.grad is not None]
+    dense = [g for is_expert, g in grads if not is_expert]
+    experts = [g for is_expert, g in grads if is_expert]
     device = next((g.device for g in dense + experts), torch.device("cpu"))
     inf = norm_type == float("inf")
 
