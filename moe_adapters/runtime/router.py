@@ -179,7 +179,8 @@ def route(
         if spec.norm_min is not None:
             denom = torch.clamp(denom, min=spec.norm_min)
         top_w = top_w / denom
-    top_w = top_w * spec.routed_scaling_factor
+    if spec.routed_scaling_factor != 1.0:  # x * 1.0 is x: one kernel less each way
+        top_w = top_w * spec.routed_scaling_factor
     return logits, top_w, top_i
 
 
