@@ -7,6 +7,9 @@ Shapes: Qwen3-30B-A3B's block at 16k tokens (N = 131,072 slots, I = 768) and 64k
   dynamic      ``torch.compile(dynamic=True)``: every dimension symbolic (what the block used)
   rows_dynamic only the row count is symbolic (``mark_dynamic(t, 0)``), the width is a constant
   (either) + ``concat``: the backward's ``cat([d gate, d up])`` as a concat kernel instead of a masked pointwise
+  Triton kernel  our hand-written one-pass kernels (``moe_adapters.runtime.act_kernel``)
+
+and Nemotron-3-Nano's non-gated squared ReLU (I = 1856, top-6), rows_dynamic against the Triton kernel.
 
     python3 benchmarks/gpu_act.py [--tokens 16384,65536] [--out PREFIX]
 """
@@ -24,6 +27,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.cuda_timing import parse_args, timed  # noqa: E402
+from moe_adapters.runtime.act_kernel import act_backward, act_forward  # noqa: E402
 from moe_adapters.runtime.experts import fused_act_backward_math, fused_act_forward_math  # noqa: E402
 
 CONCAT = {k: 0 for k in ("max_pointwise_cat_inputs", "max_complex_pointwise_cat_inputs")}
@@ -50,35 +54,43 @@ def main() -> int:
     if args is None:
         return 1
     rows = []
-    print("| tokens | variant | fwd ms | bwd ms | fwd GB/s | bwd GB/s | equal to `dynamic` |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    print("| tokens | act | variant | fwd ms | bwd ms | fwd GB/s | bwd GB/s | max diff vs first variant |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for T in (int(t) for t in args.tokens.split(",")):
-        N, I = T * 8, 768
-        g = torch.Generator("cuda").manual_seed(T)
-        gu = torch.randn(N, 2 * I, device="cuda", generator=g).to(torch.bfloat16)
-        gate, up = gu.chunk(2, dim=-1)
-        w = torch.rand(N, device="cuda", generator=g)
-        d_hu = torch.randn(N, I, device="cuda", generator=g).to(torch.bfloat16)
-        fwd_bytes = gu.numel() * 2 + N * I * 2
-        bwd_bytes = gu.numel() * 2 * 2 + d_hu.numel() * 2 * 2
-        base = None
-        for name, dyn, cat in (("dynamic", True, False), ("dynamic + concat", True, True),
-                               ("rows_dynamic", False, False), ("rows_dynamic + concat", False, True)):
-            fwd = variant(fused_act_forward_math, dyn, cat)
-            bwd = variant(fused_act_backward_math, dyn, cat)
-            try:
-                out = (fwd("silu", gate, up, w), *bwd("silu", gate, up, w, d_hu))
-                f_ms = timed(lambda: fwd("silu", gate, up, w), args.iters)[0]
-                b_ms = timed(lambda: bwd("silu", gate, up, w, d_hu), args.iters)[0]
-            except Exception as e:  # a setting this torch does not take
-                print(f"| {T} | {name} | error: {e!r:.120} | | | | |")
-                continue
-            base = base or out
-            same = all(torch.equal(a, b) for a, b in zip(out, base))
-            rows.append({"tokens": T, "variant": name, "fwd_ms": f_ms, "bwd_ms": b_ms, "equal": same})
-            print(f"| {T} | {name} | {f_ms:.3f} | {b_ms:.3f} | {fwd_bytes / f_ms / 1e6:.0f} | "
-                  f"{bwd_bytes / b_ms / 1e6:.0f} | {same} |", flush=True)
-            torch._dynamo.reset()
+        for act, gated, k, I in (("silu", True, 8, 768), ("relu2", False, 6, 1856)):
+            N = T * k
+            g = torch.Generator("cuda").manual_seed(T)
+            gu = torch.randn(N, 2 * I if gated else I, device="cuda", generator=g).to(torch.bfloat16)
+            gate, up = gu.chunk(2, dim=-1) if gated else (gu, None)
+            w = torch.rand(N, device="cuda", generator=g)
+            d_hu = torch.randn(N, I, device="cuda", generator=g).to(torch.bfloat16)
+            fwd_bytes = gu.numel() * 2 + N * I * 2
+            bwd_bytes = gu.numel() * 2 * 2 + d_hu.numel() * 2 * 2
+            base = None
+            variants = [("dynamic", True, False), ("dynamic + concat", True, True),
+                        ("rows_dynamic", False, False), ("rows_dynamic + concat", False, True)]
+            for name, dyn, cat in (variants if gated else variants[2:3]) + [("Triton kernel", False, False)]:
+                if name == "Triton kernel":
+                    fwd = lambda a, g_, u_, w_: act_forward(a, gu, gated, w_)  # noqa: E731
+                    bwd = lambda a, g_, u_, w_, d_: act_backward(a, gu, gated, w_, d_)  # noqa: E731
+                else:
+                    fwd = variant(fused_act_forward_math, dyn, cat)
+                    bwd = variant(fused_act_backward_math, dyn, cat)
+                try:
+                    out = (fwd(act, gate, up, w), *bwd(act, gate, up, w, d_hu))
+                    f_ms = timed(lambda: fwd(act, gate, up, w), args.iters)[0]
+                    b_ms = timed(lambda: bwd(act, gate, up, w, d_hu), args.iters)[0]
+                except Exception as e:  # a setting this torch does not take
+                    print(f"| {T} | {act} | {name} | error: {e!r:.120} | | | | |")
+                    continue
+                base = base or out
+                # bf16 outputs: largest difference in units of the reference's magnitude; d w (fp32): relative
+                diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(out, base))
+                rows.append({"tokens": T, "act": act, "variant": name, "fwd_ms": f_ms, "bwd_ms": b_ms,
+                             "max_rel_diff": diff})
+                print(f"| {T} | {act} | {name} | {f_ms:.3f} | {b_ms:.3f} | {fwd_bytes / f_ms / 1e6:.0f} | "
+                      f"{bwd_bytes / b_ms / 1e6:.0f} | {diff:.1e} |", flush=True)
+                torch._dynamo.reset()
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

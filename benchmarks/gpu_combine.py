@@ -1,17 +1,16 @@
 #!/usr/bin/env python3
-"""The per-row sum of an expert-parallel rank's expert outputs, on one GPU: fp32 ``index_add`` (what the EP path
-uses, ``experts._gather_sum``) against a gather-sum without atomics, compiled into one kernel by inductor.
+"""The per-token sum of expert outputs (the unpermute), on one GPU: the eager torch versions, a ``torch.compile``d
+masked gather-sum, and our Triton kernel (``moe_adapters.runtime.gather_sum``), side by side in one run.
 
-On an EP rank a received token row carries ``k`` expert ids of which only the local ones are valid (-1 elsewhere),
-so slots are dropped and the plain gather-sum (one gather by the inverse permutation, a sum over ``k``) does not
-apply. The workload is that of Qwen3-30B-A3B at EP=4 with 2 x 4096 tokens per GPU: ~29.5k received rows, k = 8,
-32 local experts of 128, H = 2048, bf16 expert outputs sorted by expert. Timed: median of ``--iters`` calls, both
-directions of use in the block (the combine in forward, the input gradient in backward, are the same operation).
+The workload is one rank's of Qwen3-30B-A3B with ``--tokens`` tokens per GPU (k = 8, 128 experts, H = 2048, bf16
+expert outputs sorted by expert), at EP = 1 (every slot local) and EP = 2, 4, 8 (a received token row carries ``k``
+ids of which only the local ones are valid, so slots are dropped). The same operation runs three times per block
+step: the combine in forward, the permute's input gradient in backward, and (EP) the all_to_all combine.
 
-Measured on one H200 (docs/benchmarks.md): the compiled gather-sum is slower at EP 4 and 8 (it loads every slot,
-masked, and ~72% of an EP=4 rank's slots are dropped) and even at EP 2, so the library keeps ``index_add``.
+Eager torch, before the kernel: EP = 1 one gather into ``[R, k, H]`` and a sum over ``k``; EP > 1 an fp32
+``index_add`` (an fp32 copy of the rows, then atomic adds). Timed: median of ``--iters`` calls.
 
-    python3 benchmarks/gpu_combine.py [--tokens 8192] [--ep 4]
+    python3 benchmarks/gpu_combine.py [--tokens 8192] [--ep 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -39,43 +38,60 @@ def received_ids(tokens: int, ep: int, experts: int, k: int, gen: torch.Generato
     return ids[(ids >= 0).any(-1)]
 
 
+def eager_before(y: torch.Tensor, plan, R: int, k: int) -> torch.Tensor:
+    """What the block ran before the kernel."""
+    if plan.n == R * k:
+        return y.index_select(0, plan.inv).view(R, k, -1).sum(1)
+    acc = torch.zeros(R, y.shape[-1], dtype=torch.float32, device=y.device)
+    return acc.index_add_(0, plan.rows, y.float()).to(y.dtype)
+
+
+def masked_gather_sum(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    valid = (index >= 0).unsqueeze(-1)
+    rows = y[index.clamp(min=0)].float() * valid
+    return rows.sum(1).to(y.dtype)
+
+
 def main() -> int:
-    args = parse_args(__doc__, "8192", 20, lambda ap: ap.add_argument("--ep", type=int, default=4))
+    args = parse_args(__doc__, "8192", 20, lambda ap: ap.add_argument("--ep", default="1,2,4,8"))
     if args is None:
         return 1
-    from moe_adapters.runtime.experts import _gather_sum, plan_slots
+    from moe_adapters.runtime.experts import plan_slots
+    from moe_adapters.runtime.gather_sum import gather_sum, gather_sum_reference
 
-    def masked_gather_sum(y: torch.Tensor, inv: torch.Tensor, num_rows: int, k: int) -> torch.Tensor:
-        valid = (inv >= 0).unsqueeze(-1)
-        rows = y[inv.clamp(min=0)].float() * valid
-        return rows.view(num_rows, k, y.shape[-1]).sum(1).to(torch.bfloat16)
-
-    gen = torch.Generator("cuda").manual_seed(0)
-    ids = received_ids(int(args.tokens), args.ep, 128, 8, gen)
-    plan = plan_slots(ids, 128 // args.ep)
-    y = torch.randn(plan.n, 2048, device="cuda", generator=gen).to(torch.bfloat16)
-    R = ids.shape[0]
-    inv = torch.full((R * 8,), -1, dtype=torch.long, device="cuda")  # each slot's sorted position, -1 if dropped
-    inv.scatter_(0, plan.perm, torch.arange(plan.n, device="cuda"))
     compiled = torch.compile(masked_gather_sum, dynamic=True, fullgraph=True)
-
-    impls = {"index_add fp32 (ours: _gather_sum)": lambda: _gather_sum(y, plan, torch.bfloat16),
-             "masked gather-sum, compiled": lambda: compiled(y, inv, R, 8)}
-    want = _gather_sum(y, plan, torch.bfloat16)
     rows = []
-    print(f"# EP={args.ep} combine, {R} received rows, {plan.n} valid slots of {R * 8}, H 2048, bf16 "
-          f"({torch.cuda.get_device_name()}, torch {torch.__version__})\n")
-    print("| implementation | ms | GB/s (valid rows read + output written) | max abs diff vs index_add |")
-    print("|---|---:|---:|---:|")
-    for name, fn in impls.items():
-        ms, _, out = timed(fn, args.iters)
-        gbs = (y.numel() * 2 + R * 2048 * 2) / ms / 1e6
-        diff = float((out.float() - want.float()).abs().max())
-        rows.append({"impl": name, "ms": ms, "gb_s": gbs, "max_abs_diff": diff})
-        print(f"| {name} | {ms:.3f} | {gbs:.0f} | {diff:.2e} |", flush=True)
+    print(f"# unpermute, {args.tokens} tokens per GPU, k 8, H 2048, bf16 ({torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__})\n")
+    print("| EP | rows | valid slots | implementation | ms | GB/s (valid rows read + output written) | "
+          "max abs diff vs fp32 slot loop |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for ep in [int(e) for e in str(args.ep).split(",")]:
+        gen = torch.Generator("cuda").manual_seed(ep)
+        if ep == 1:
+            ids = torch.rand(int(args.tokens), 128, generator=gen, device="cuda").topk(8, dim=-1).indices
+        else:
+            ids = received_ids(int(args.tokens), ep, 128, 8, gen)
+        R, k = ids.shape
+        plan = plan_slots(ids, 128 // ep, assume_local=ep == 1)
+        y = torch.randn(plan.n, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+        index = plan.inv.view(R, k)
+        want = gather_sum_reference(y.float(), index, torch.float32).to(torch.bfloat16)  # fp32, slot order
+        impls = {
+            "eager torch (before)": lambda: eager_before(y, plan, R, k),
+            "masked gather-sum, torch.compile": lambda: compiled(y, index),
+            "Triton kernel (ours now)": lambda: gather_sum(y, index),
+        }
+        for name, fn in impls.items():
+            ms, _, out = timed(fn, args.iters)
+            gbs = (y.numel() * 2 + R * 2048 * 2) / ms / 1e6
+            diff = float((out.float() - want.float()).abs().max())
+            rows.append({"ep": ep, "rows": R, "valid_slots": plan.n, "impl": name, "ms": ms, "gb_s": gbs,
+                         "max_abs_diff": diff})
+            print(f"| {ep} | {R} | {plan.n} | {name} | {ms:.3f} | {gbs:.0f} | {diff:.2e} |", flush=True)
     if args.out:
         with open(args.out + ".json", "w") as f:
-            json.dump({"rows_received": R, "valid_slots": plan.n, "results": rows}, f, indent=1)
+            json.dump({"tokens": int(args.tokens), "results": rows}, f, indent=1)
     return 0
 
 

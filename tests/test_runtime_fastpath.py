@@ -22,6 +22,7 @@ from runtime_helpers import rel_err, v5_block
 
 from moe_adapters.runtime import experts as ex
 from moe_adapters.runtime.experts import FusedActMul, GroupedExperts, act_mul_backward, act_mul_forward, plan_slots
+from moe_adapters.runtime.gather_sum import GatherSum, gather_sum
 from moe_adapters.runtime.layer import build_moe_block, copy_block_weights
 
 TOL = 1e-6
@@ -86,13 +87,57 @@ def test_plan_slots_matches_bincount_and_drops_remote_ids():
         assert torch.equal(plan.offs.long(), torch.cumsum(torch.bincount(flat, minlength=8), 0))
         assert torch.equal(flat[plan.perm], torch.sort(flat, stable=True).values)
         assert torch.equal(plan.rows, plan.perm // 3)
-        assert plan.inv is not None and torch.equal(plan.perm[plan.inv], torch.arange(150))
+        assert torch.equal(plan.perm[plan.inv], torch.arange(150))
     remote = idx.clone()
     remote[remote >= 5] = -1  # another rank's experts (the dispatcher writes -1)
     plan = plan_slots(remote, 5, False)
     keep = remote.reshape(-1) >= 0
-    assert plan.n == int(keep.sum()) and plan.inv is None
+    assert plan.n == int(keep.sum())
+    # the inverse: -1 for a dropped slot, else its position in the sorted order
+    assert torch.equal(plan.inv < 0, ~keep)
+    assert torch.equal(plan.perm[plan.inv[keep]], keep.nonzero().squeeze(1))
     assert torch.equal(remote.reshape(-1)[plan.perm], torch.sort(remote.reshape(-1)[keep], stable=True).values)
+
+
+def slotwise_sum(src: torch.Tensor, index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The definition of gather_sum, one slot at a time: fp32, j order, -1 skipped."""
+    acc = torch.zeros(index.shape[0], src.shape[1], dtype=torch.float32)
+    for j in range(index.shape[1]):
+        col = index[:, j]
+        acc += torch.where((col >= 0).unsqueeze(1), src[col.clamp(min=0)].float(), 0.0)
+    return acc.to(out_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_sum_is_the_slotwise_sum(dtype):
+    g = torch.Generator().manual_seed(5)
+    src = torch.randn(40, 24, generator=g).to(dtype)
+    full = torch.randperm(40, generator=g).view(10, 4)
+    dropped = full.clone()
+    dropped[torch.rand(10, 4, generator=g) < 0.5] = -1
+    dropped[3] = -1  # a row with nothing: zeros
+    for index, complete in ((full, True), (full, False), (dropped, False)):
+        want = slotwise_sum(src, index, torch.float32)
+        got = gather_sum(src, index, torch.float32, complete=complete)
+        assert got.dtype == torch.float32
+        if complete:  # torch's own reduction over k: its order is torch's
+            assert rel_err(got, want) < 1e-6
+        else:
+            assert torch.equal(got, want)
+        assert gather_sum(src, index).dtype == dtype
+    assert not gather_sum(src, dropped)[3].any()
+    # autograd: each source row feeds at most one output row, so the gradient is a gather
+    valid = dropped >= 0
+    used = dropped[valid]
+    owner = valid.nonzero()[:, 0]
+    s = src[used].float().requires_grad_()  # the rows in use, renumbered
+    index = torch.full_like(dropped, -1)
+    index[valid] = torch.arange(len(used))
+    d_out = torch.randn(10, 24, generator=g)
+    out = GatherSum.apply(s, index, owner, torch.float32)
+    assert torch.equal(out, slotwise_sum(s.detach(), index, torch.float32))
+    out.backward(d_out)
+    assert torch.equal(s.grad, d_out[owner])
 
 
 def _v5_and_ours(family, backend="grouped_mm", dtype=torch.float32, **overrides):

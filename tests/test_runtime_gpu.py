@@ -173,3 +173,62 @@ def test_fused_rms_norm_and_cross_entropy_cuda_bf16(device="cuda"):
         err, err_v5 = _bf16_ok(results["ours"][i], results["v5"][i], results["ref"][i])
         print(f"linear_cross_entropy {what}: ours {err:.2e}, v5 {err_v5:.2e}")
         assert err <= 2 * err_v5 + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width", [2048, 2688, 100])
+def test_gather_sum_kernel_is_the_slotwise_sum(dtype, width):
+    """The Triton unpermute kernel against its definition: per output row, the fp32 sum of the valid slots' rows in
+    slot order, rounded once (bitwise), with dropped (-1) slots and rows with none; and the EP combine's GatherSum."""
+    from moe_adapters.runtime.compiled import use_triton
+    from moe_adapters.runtime.gather_sum import GatherSum, gather_sum
+
+    g = torch.Generator("cuda").manual_seed(width)
+    src = torch.randn(3000, width, device="cuda", generator=g).to(dtype)
+    assert use_triton(src), "Triton does not import on this CUDA machine"
+    index = torch.randperm(3000, device="cuda", generator=g)[:2400].view(300, 8)
+    index[torch.rand(300, 8, device="cuda", generator=g) < 0.6] = -1
+    index[7] = -1
+    for idx, out_dtype in ((index, dtype), (index, torch.float32), (index.abs(), dtype), (index[:, :1], dtype)):
+        want = torch.zeros(idx.shape[0], width, device="cuda")
+        for j in range(idx.shape[1]):
+            col = idx[:, j]
+            want += torch.where((col >= 0).unsqueeze(1), src[col.clamp(min=0)].float(), 0.0)
+        got = gather_sum(src, idx, out_dtype)
+        assert got.dtype == out_dtype and torch.equal(got, want.to(out_dtype))
+    assert not gather_sum(src, index)[7].any()
+    assert gather_sum(src, index[:0]).shape == (0, width)
+    valid = index >= 0
+    rows = index[valid]
+    compact = torch.full_like(index, -1)
+    compact[valid] = torch.arange(len(rows), device="cuda")
+    s = src[rows].clone().requires_grad_()
+    d_out = torch.randn(300, width, device="cuda", generator=g).to(dtype)
+    GatherSum.apply(s, compact, valid.nonzero()[:, 0], dtype).backward(d_out)
+    assert torch.equal(s.grad, d_out[valid.nonzero()[:, 0]])
+
+
+@pytest.mark.parametrize("act,gated,width", [("silu", True, 768), ("relu2", False, 1856), ("silu", True, 100)])
+def test_act_backward_kernel_matches_the_math(act, gated, width):
+    """The one-pass Triton activation, forward and backward, against the same fp32 math run eagerly: bf16 outputs
+    within one rounding (1 bf16 ulp) of it, the routing-weight gradient (fp32) to 1e-5."""
+    from moe_adapters.runtime.act_kernel import act_backward, act_forward
+    from moe_adapters.runtime.compiled import use_triton
+    from moe_adapters.runtime.experts import fused_act_backward_math, fused_act_forward_math
+
+    g = torch.Generator("cuda").manual_seed(width)
+    N = 4099
+    gu = (2 * torch.randn(N, 2 * width if gated else width, device="cuda", generator=g)).to(torch.bfloat16)
+    assert use_triton(gu), "Triton does not import on this CUDA machine"
+    gate, up = gu.chunk(2, dim=-1) if gated else (gu, None)
+    w = torch.rand(N, device="cuda", generator=g)
+    d_hu = torch.randn(N, width, device="cuda", generator=g).to(torch.bfloat16)
+    got = (act_forward(act, gu, gated, w), *act_backward(act, gu, gated, w, d_hu))
+    want = (fused_act_forward_math(act, gate, up, w), *fused_act_backward_math(act, gate, up, w, d_hu))
+    assert got[0].shape == (N, width)
+    for a, b in zip(got[:3], want[:3]):
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+        assert bool(((a.float() - b.float()).abs() <= b.float().abs() * 2**-7 + 1e-6).all())
+    assert got[3].dtype == torch.float32 and rel_err(got[3], want[3]) < 1e-5
+    empty = (act_forward(act, gu[:0], gated, w[:0]), *act_backward(act, gu[:0], gated, w[:0], d_hu[:0]))
+    assert [t.shape[0] for t in empty] == [0, 0, 0, 0]

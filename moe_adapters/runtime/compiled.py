@@ -1,8 +1,12 @@
-"""One torch.compile'd function per math function, used on CUDA only.
+"""Kernels for CUDA only: one torch.compile'd function per math function, and whether hand-written Triton runs.
 
 The elementwise stages around the GEMMs (activation, RMSNorm) run as several full passes over memory in eager
 torch; inductor turns each into one kernel. The same plain functions are what CPU runs (and what the tests check),
 so compiling changes speed, not the math. ``MOE_ADAPTERS_NO_COMPILE=1`` turns it off.
+
+Where inductor does not find the one-pass kernel (a gather-sum that skips dropped slots, the activation's backward
+with its per-row reduction), a Triton kernel is written by hand (:mod:`.gather_sum`, :mod:`.act_kernel`), used on
+CUDA when Triton imports (the CPU build of torch ships without it), ``MOE_ADAPTERS_NO_TRITON=1`` turns them off.
 """
 
 from __future__ import annotations
@@ -32,6 +36,27 @@ def compiled(fn: Callable) -> Callable:
 
         _COMPILED[key] = call
     return _COMPILED[key]
+
+
+_TRITON: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether Triton imports (asked once)."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton.language  # noqa: F401, PLC0415
+
+            _TRITON = True
+        except Exception:  # ImportError, or a Triton that cannot find its compiler
+            _TRITON = False
+    return _TRITON
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Run the hand-written Triton kernels for this CUDA tensor (unless ``MOE_ADAPTERS_NO_TRITON`` is set)."""
+    return t.is_cuda and not os.environ.get("MOE_ADAPTERS_NO_TRITON") and triton_available()
 
 
 def use_compiled(t: torch.Tensor) -> bool:

@@ -29,6 +29,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from .gather_sum import GatherSum
+
 DISPATCHERS = ("auto", "local", "all_to_all", "deepep")
 
 
@@ -146,6 +148,7 @@ class A2AHandle:
     send: list[int]  # rows sent to each rank
     recv: list[int]  # rows received from each rank
     num_tokens: int
+    row_of: torch.Tensor  # [T, W] where token t's row to rank w sits in the send order, -1 if not sent there
 
 
 class AllToAllDispatcher(_Base):
@@ -166,6 +169,8 @@ class AllToAllDispatcher(_Base):
             in_rank.scatter_(0, dest.t(), True)  # [W, T]: does rank r own any of token t's experts
             pairs = in_rank.nonzero()  # (rank, token), rank-major, tokens ascending
             to_rank, token_ids = pairs[:, 0], pairs[:, 1]
+            # the same order as a running count: the combine adds each token's returning rows by this index
+            row_of = torch.where(in_rank, in_rank.view(-1).cumsum(0).view_as(in_rank) - 1, -1).t().contiguous()
             send_counts = in_rank.sum(dim=1)
             recv_counts = torch.empty_like(send_counts)
             dist.all_to_all_single(recv_counts, send_counts, group=self.group)
@@ -174,12 +179,12 @@ class AllToAllDispatcher(_Base):
             local_idx = torch.where(mine, topk_idx[token_ids] - (to_rank * n_local).unsqueeze(1), -1)
         w = torch.where(mine, topk_weights[token_ids].float(), 0.0)
         recv_x, recv_w, recv_idx = _DispatchA2A.apply(x[token_ids], w, local_idx, send, recv, self.group)
-        return recv_x, recv_idx, recv_w, A2AHandle(token_ids, send, recv, T)
+        return recv_x, recv_idx, recv_w, A2AHandle(token_ids, send, recv, T, row_of)
 
     def combine(self, y, handle: A2AHandle):
         back = _CombineA2A.apply(y, handle.send, handle.recv, self.group)  # rows go home: out = send, in = recv
-        out = torch.zeros(handle.num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
-        return out.index_add(0, handle.token_ids, back.float()).to(y.dtype)
+        # each token's partial sums, added in fp32 in rank order (one kernel on CUDA, no atomics)
+        return GatherSum.apply(back, handle.row_of, handle.token_ids, y.dtype)
 
 
 # --- DeepEP --------------------------------------------------------------------------------------------------------

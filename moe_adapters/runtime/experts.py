@@ -21,8 +21,9 @@ The ``grouped_mm`` path (the fast path) works on *slots* (one per ``(row, choice
    is local (``assume_local_ids``, set by :class:`~.layer.MoEBlock` for the ``local`` dispatcher) there is no host sync
    at all; otherwise ids outside this rank are sorted to the tail and one ``.item()`` reads how many slots are valid
    (the EP dispatchers synchronise anyway);
-2. permute = one gather of the token rows (``index_select``); unpermute = one gather + a sum over the ``k`` slots of
-   each token (fp32 accumulation, deterministic; an fp32 ``index_add`` when slots were dropped);
+2. permute = one gather of the token rows (``index_select``); unpermute = a sum over the ``k`` slots of each token,
+   gathered by the inverse permutation (fp32 accumulation in slot order, deterministic; on CUDA one Triton kernel
+   that skips dropped slots, :mod:`.gather_sum`);
 3. the routing weight never multiplies a separate ``[N, H]`` tensor. In bf16/fp16 it is folded into the
    activation: ``down(act(gate) * up * w) == w * down(act(gate) * up)``, so it scales the ``[N, I]`` activation in
    the activation's last kernel (computed in fp32, rounded once) and the combine is a plain gather-sum. In fp32
@@ -48,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compiled import compiled, use_compiled
+from .act_kernel import act_backward, act_forward
+from .compiled import compiled, use_compiled, use_triton
+from .gather_sum import gather_sum
 
 # --- activations ---------------------------------------------------------------------------------------------------
 
@@ -358,7 +361,7 @@ class SlotPlan(NamedTuple):
 
     perm: torch.Tensor  # [n] flat slot index (row * k + choice) of each sorted slot, grouped by expert
     rows: torch.Tensor  # [n] its token row (perm // k)
-    inv: torch.Tensor | None  # [R * k] position of each slot in the sorted order; None when slots were dropped
+    inv: torch.Tensor  # [R * k] position of each slot in the sorted order, -1 where the slot was dropped
     offs: torch.Tensor  # [E_local] int32 cumulative row counts (grouped GEMM offsets)
     num_rows: int  # R
     k: int
@@ -385,32 +388,21 @@ def plan_slots(top_k_index: torch.Tensor, num_local_experts: int, assume_local: 
         bounds = torch.arange(E, device=dev, dtype=key_dtype)
         offs = torch.searchsorted(sorted_key, bounds, right=True, out_int32=True)
         n = R * k
-        inv = None
         if not assume_local:
             n = int(offs[-1].item()) if E else 0  # the one host sync of the EP path
             if n < R * k:
                 perm = perm[:n]
-        if n == R * k:
-            inv = torch.empty_like(perm)
-            inv.scatter_(0, perm, torch.arange(n, device=dev, dtype=perm.dtype))
+        inv = perm.new_empty(R * k) if n == R * k else perm.new_full((R * k,), -1)
+        inv.scatter_(0, perm, torch.arange(n, device=dev, dtype=perm.dtype))
         rows = torch.div(perm, k, rounding_mode="floor") if k > 1 else perm
     return SlotPlan(perm, rows, inv, offs, R, k, n)
 
 
 def _gather_sum(y: torch.Tensor, plan: SlotPlan, out_dtype: torch.dtype) -> torch.Tensor:
-    """Per token row, the sum of its slots' rows of ``y`` (sorted order) -> ``[R, H]`` in ``out_dtype``.
-
-    All slots present: one gather into token order and a sum over ``k`` (accumulated in fp32 by torch's reduction,
-    deterministic). Some dropped: an fp32 ``index_add``.
-    """
-    H = y.shape[-1]
-    if plan.inv is not None:
-        if plan.k == 1:
-            return y.index_select(0, plan.inv).to(out_dtype)
-        return y.index_select(0, plan.inv).view(plan.num_rows, plan.k, H).sum(1).to(out_dtype)
-    acc = torch.zeros(plan.num_rows, H, dtype=torch.float32, device=y.device)
-    acc.index_add_(0, plan.rows, y.float())
-    return acc.to(out_dtype)
+    """Per token row, the fp32 sum of its slots' rows of ``y`` (sorted order) -> ``[R, H]`` in ``out_dtype``: one
+    pass without atomics on CUDA (:mod:`.gather_sum`), deterministic everywhere."""
+    index = plan.inv.view(plan.num_rows, plan.k)
+    return gather_sum(y, index, out_dtype, complete=plan.n == plan.num_rows * plan.k)
 
 
 # --- the grouped_mm fast path: two autograd Functions --------------------------------------------------------------
@@ -429,7 +421,7 @@ class _PermuteGateUp(torch.autograd.Function):
         xs = x.index_select(0, rows).to(w_in.dtype)
         gu = _gmm(xs, w_in.transpose(-2, -1), offs)
         ctx.save_for_backward(x, w_in, rows, inv, offs)
-        ctx.num_rows, ctx.k, ctx.has_inv = num_rows, k, inv is not None
+        ctx.num_rows, ctx.k = num_rows, k
         return gu
 
     @staticmethod
@@ -445,7 +437,7 @@ class _PermuteGateUp(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # torch's _grouped_mm_mat1_backward for a row-major mat1: grouped_mm(grad, mat2^T) = grouped_mm(grad, W_in)
             d_xs = _gmm(d_gu, w_in, offs)
-            plan = SlotPlan(None, rows, inv if ctx.has_inv else None, offs, ctx.num_rows, ctx.k, rows.shape[0])
+            plan = SlotPlan(None, rows, inv, offs, ctx.num_rows, ctx.k, rows.shape[0])
             d_x = _gather_sum(d_xs, plan, x.dtype)
         return d_x, d_w_in, None, None, None, None, None
 
@@ -509,7 +501,9 @@ class _ActDownCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gu, w_slot, w_down, rows, inv, offs, num_rows: int, k: int, act: str, gated: bool, out_dtype, fold: bool):  # type: ignore[override]
         g, u = gu.chunk(2, dim=-1) if gated else (gu, None)
-        if use_fused_act(gu, act, fold):
+        if use_fused_act(gu, act, fold) and use_triton(gu):
+            h = act_forward(act, gu, gated, w_slot)
+        elif use_fused_act(gu, act, fold):
             h = compiled(fused_act_forward_math)(act, g, u, w_slot)
         else:
             h = act_mul_forward(act, g, u, w_slot if fold else None)
@@ -533,7 +527,10 @@ class _ActDownCombine(torch.autograd.Function):
         d_rows = d_out.to(w_down.dtype).contiguous().index_select(0, rows)  # unpermute's backward: one gather
         d_hu = _gmm(d_rows, w_down, offs) if (need_gu or need_w) else None  # _grouped_mm_mat1_backward, row-major
         if d_hu is not None and use_fused_act(gu, act, ctx.fold) and w_slot.dtype == torch.float32:
-            hw, d_gu, d_w = compiled(fused_act_backward_math)(act, g, u, w_slot, d_hu)
+            if use_triton(gu):  # one pass (inductor makes two of it: the per-row dot, then the rest)
+                hw, d_gu, d_w = act_backward(act, gu, gated, w_slot, d_hu)
+            else:
+                hw, d_gu, d_w = compiled(fused_act_backward_math)(act, g, u, w_slot, d_hu)
             d_down = _gmm(d_rows.t(), hw, offs) if need_down else None
             return (d_gu if need_gu else None), (d_w if need_w else None), d_down, *([None] * 9)
         s = _act(act, g)
