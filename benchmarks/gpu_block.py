@@ -274,7 +274,10 @@ def count_gpu_ops_and_syncs(block, x, go, device) -> dict:
 
 def kernel_profile(block, x, go, path: str) -> dict:
     """One step under torch.profiler: the top kernels by GPU time (written to ``path``) and how busy the GPU was
-    (kernel time / wall time of the step): below 1, the step waits on the host (launches, syncs)."""
+    (kernel time / wall time of the step): below 1, the step waits on the host (launches, syncs). The GPU's idle
+    gaps are listed too, each with the host op that launched the kernel after it (what the GPU was waiting for)."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     zero_grads(block, x)
@@ -286,12 +289,38 @@ def kernel_profile(block, x, go, path: str) -> dict:
     wall_ms = (time.perf_counter() - t0) * 1e3
     avg = prof.key_averages()
     table = avg.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        gaps, idle_ms = idle_gaps(json.load(open(trace)))
     with open(path, "w") as f:
         f.write(table)
+        f.write(f"\nGPU idle between the first and last kernel: {idle_ms:.3f} ms; largest gaps (us, op launching next):\n")
+        f.writelines(f"{g:10.1f}  {name}\n" for g, name in gaps[:25])
     from torch.autograd import DeviceType
 
     kernel_us = sum(e.device_time_total for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA)
-    return {"profile_kernel_ms": kernel_us / 1e3, "profile_wall_ms": wall_ms}
+    return {"profile_kernel_ms": kernel_us / 1e3, "profile_wall_ms": wall_ms, "profile_idle_ms": idle_ms}
+
+
+def idle_gaps(trace: dict, min_us: float = 5.0) -> tuple[list[tuple[float, str]], float]:
+    """From a chrome trace: the GPU's idle gaps (>= ``min_us``) between kernels, largest first, each named by the
+    innermost host op around the launch of the kernel that ended it; and the total idle time in ms."""
+    ev = trace.get("traceEvents", [])
+    gpu = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
+    launch = {e["args"].get("correlation"): e["ts"] for e in ev if e.get("cat") == "cuda_runtime" and "args" in e}
+    ops = sorted((e for e in ev if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+    gaps, idle, end = [], 0.0, None
+    for k in gpu:
+        if end is not None and k["ts"] - end >= min_us:
+            gap = k["ts"] - end
+            idle += gap
+            t = launch.get(k.get("args", {}).get("correlation"))
+            around = [o for o in ops if t is not None and o["ts"] <= t <= o["ts"] + o.get("dur", 0)]
+            name = min(around, key=lambda o: o.get("dur", 0))["name"] if around else k["name"][:60]
+            gaps.append((gap, name))
+        end = max(end or 0.0, k["ts"] + k.get("dur", 0))
+    return sorted(gaps, reverse=True), idle / 1e3
 
 
 def expert_flops(dims: dict, tokens: int) -> float:
