@@ -1,6 +1,9 @@
 """Plot tokens/s by implementation and token count from a gpu_block.py JSON result (PNG for docs/benchmarks.md).
 
-    python benchmarks/plot_gpu_block.py docs/results/gpu_block_h200_2026-11-28.json docs/gpu_block_tokens.png
+    python benchmarks/plot_gpu_block.py RUN.json OUT.png [EARLIER.json:IMPL=LABEL ...]
+
+Each extra argument adds one implementation's points from another run under a new label (e.g. the TE backend, or
+ours before a change), so a plot can show what was measured in different runs; the label should say which run.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import json
 import sys
 
 
-def main(src: str, dst: str) -> None:
+def main(src: str, dst: str, *extra: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,6 +20,10 @@ def main(src: str, dst: str) -> None:
 
     data = json.load(open(src))
     rows = [r for r in data["rows"] if r.get("tok_s")]
+    for spec in extra:
+        path, _, pick = spec.rpartition(":")
+        impl, _, label = pick.partition("=")
+        rows += [dict(r, impl=label or impl) for r in json.load(open(path))["rows"] if r.get("tok_s") and r["impl"] == impl]
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -36,4 +43,4 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])
