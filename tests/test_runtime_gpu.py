@@ -208,7 +208,9 @@ def test_gather_sum_kernel_is_the_slotwise_sum(dtype, width):
     assert torch.equal(s.grad, d_out[valid.nonzero()[:, 0]])
 
 
-@pytest.mark.parametrize("act,gated,width", [("silu", True, 768), ("relu2", False, 1856), ("silu", True, 100)])
+@pytest.mark.parametrize(
+    "act,gated,width", [("silu", True, 768), ("relu2", False, 1856), ("silu", True, 100), ("silu", True, 5000)]
+)
 def test_act_backward_kernel_matches_the_math(act, gated, width):
     """The one-pass Triton activation, forward and backward, against the same fp32 math run eagerly: bf16 outputs
     within one rounding (1 bf16 ulp) of it, the routing-weight gradient (fp32) to 1e-5."""
@@ -232,3 +234,35 @@ def test_act_backward_kernel_matches_the_math(act, gated, width):
     assert got[3].dtype == torch.float32 and rel_err(got[3], want[3]) < 1e-5
     empty = (act_forward(act, gu[:0], gated, w[:0]), *act_backward(act, gu[:0], gated, w[:0], d_hu[:0]))
     assert [t.shape[0] for t in empty] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "nemotron_h"])
+def test_torch_compile_of_our_block_cuda(family):
+    """A user who compiles the model compiles our block too, Triton kernels inside its autograd Functions: the
+    compiled block gives the eager block's output and gradients (bf16; inductor may round differently)."""
+    from runtime_helpers import v5_block
+
+    fam, d, layer, v5 = v5_block(family)
+    ours = build_moe_block(fam, d, layer, template=v5)
+    copy_block_weights(ours, v5)
+    ours = ours.cuda().to(torch.bfloat16)
+    assert ours.routed_experts.in_proj.is_cuda
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 96, d["hidden_size"], generator=g).cuda().to(torch.bfloat16)
+    go = torch.randn(2, 96, d["hidden_size"], generator=g).cuda().to(torch.bfloat16)
+
+    def run(block):
+        for p in ours.parameters():
+            p.grad = None
+        xi = x.clone().requires_grad_()
+        out = _hidden(block(xi))
+        out.backward(go)
+        return out.detach(), xi.grad, {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+
+    out, dx, grads = run(ours)
+    torch._dynamo.reset()
+    c_out, c_dx, c_grads = run(torch.compile(ours))
+    assert rel_err(c_out.float(), out.float()) < 2e-2 and rel_err(c_dx.float(), dx.float()) < 2e-2
+    assert set(c_grads) == set(grads)
+    for n in grads:
+        assert rel_err(c_grads[n].float(), grads[n].float()) < 2e-2, n

@@ -4,8 +4,8 @@ Between the two grouped GEMMs of the backward sits everything elementwise: from 
 ``d_hu = W_down^T d_row`` it makes the weighted activation for the down-weight gradient, the gradient of ``gu`` and
 the routing weight's gradient (a dot product per row). Inductor compiles that math
 (``experts.fused_act_backward_math``) into two kernels, a reduction and a pointwise pass, each reading the inputs;
-this kernel does it in one pass, one row per program: ``gu`` and ``d_hu`` are read once, ``hw`` and ``d_gu`` written
-once. The math is the same fp32 formulas (``experts._act_f32``), rounded once. The forward is one pass under inductor
+this kernel does it in one pass, one row per program (in chunks of 2048 columns for wide experts): ``gu`` and
+``d_hu`` are read once, ``hw`` and ``d_gu`` written once. The math is the same fp32 formulas (``experts._act_f32``), rounded once. The forward is one pass under inductor
 too; as a plain kernel it skips the compiled function's guard checks on every call (host time, which a lone block
 step waits on).
 
@@ -33,38 +33,41 @@ def _kernel() -> Any:
         def act_backward_kernel(gu, w, d_hu, hw, d_gu, d_w, I, GATED: tl.constexpr, RELU2: tl.constexpr,
                                 BLOCK: tl.constexpr):
             r = tl.program_id(0).to(tl.int64)
-            c = tl.arange(0, BLOCK)
-            m = c < I
             width = 2 * I if GATED else I
-            g = tl.load(gu + r * width + c, mask=m, other=0.0).to(tl.float32)
-            dh = tl.load(d_hu + r * I + c, mask=m, other=0.0).to(tl.float32)
             wr = tl.load(w + r)
-            if RELU2:
-                rl = tl.maximum(g, 0.0)
-                s = rl * rl
-                ds = 2 * rl
-            else:
-                sig = tl.sigmoid(g)
-                s = g * sig
-                ds = sig * (1 + g * (1 - sig))
-            if GATED:
-                u = tl.load(gu + r * width + I + c, mask=m, other=0.0).to(tl.float32)
-                a = s * u
-            else:
-                a = s
-            tl.store(d_w + r, tl.sum(dh * a, axis=0))
-            da = dh * wr
-            tl.store(hw + r * I + c, (a * wr).to(hw.dtype.element_ty), mask=m)
-            if GATED:
-                tl.store(d_gu + r * width + c, (da * u * ds).to(d_gu.dtype.element_ty), mask=m)
-                tl.store(d_gu + r * width + I + c, (da * s).to(d_gu.dtype.element_ty), mask=m)
-            else:
-                tl.store(d_gu + r * width + c, (da * ds).to(d_gu.dtype.element_ty), mask=m)
+            dot = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, I, BLOCK):  # one chunk of the row at a time (one for I <= BLOCK)
+                c = start + tl.arange(0, BLOCK)
+                m = c < I
+                g = tl.load(gu + r * width + c, mask=m, other=0.0).to(tl.float32)
+                dh = tl.load(d_hu + r * I + c, mask=m, other=0.0).to(tl.float32)
+                if RELU2:
+                    rl = tl.maximum(g, 0.0)
+                    s = rl * rl
+                    ds = 2 * rl
+                else:
+                    sig = tl.sigmoid(g)
+                    s = g * sig
+                    ds = sig * (1 + g * (1 - sig))
+                if GATED:
+                    u = tl.load(gu + r * width + I + c, mask=m, other=0.0).to(tl.float32)
+                    a = s * u
+                else:
+                    a = s
+                dot += dh * a
+                da = dh * wr
+                tl.store(hw + r * I + c, (a * wr).to(hw.dtype.element_ty), mask=m)
+                if GATED:
+                    tl.store(d_gu + r * width + c, (da * u * ds).to(d_gu.dtype.element_ty), mask=m)
+                    tl.store(d_gu + r * width + I + c, (da * s).to(d_gu.dtype.element_ty), mask=m)
+                else:
+                    tl.store(d_gu + r * width + c, (da * ds).to(d_gu.dtype.element_ty), mask=m)
+            tl.store(d_w + r, tl.sum(dot, axis=0))
 
         @triton.jit
         def act_forward_kernel(gu, w, h, I, GATED: tl.constexpr, RELU2: tl.constexpr, BLOCK: tl.constexpr):
             r = tl.program_id(0).to(tl.int64)
-            c = tl.arange(0, BLOCK)
+            c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
             m = c < I
             width = 2 * I if GATED else I
             g = tl.load(gu + r * width + c, mask=m, other=0.0).to(tl.float32)
@@ -94,7 +97,7 @@ def act_backward(
     d_w = torch.empty(N, dtype=torch.float32, device=gu.device)
     if N:
         triton, _, kernel = _kernel()
-        block = triton.next_power_of_2(I)
+        block = _block(triton, I)
         kernel[(N,)](gu, w, d_hu, hw, d_gu, d_w, I, GATED=gated, RELU2=name == "relu2", BLOCK=block,
                      num_warps=max(1, min(8, block // 256)))
     return hw, d_gu, d_w
@@ -110,9 +113,16 @@ def act_forward(name: str, gu: torch.Tensor, gated: bool, w: torch.Tensor) -> to
     h = torch.empty(N, I, dtype=gu.dtype, device=gu.device)
     if N:
         triton, kernel, _ = _kernel()
-        block = triton.next_power_of_2(I)
-        kernel[(N,)](gu, w, h, I, GATED=gated, RELU2=name == "relu2", BLOCK=block, num_warps=max(1, min(8, block // 256)))
+        block = _block(triton, I)
+        kernel[(N, triton.cdiv(I, block))](gu, w, h, I, GATED=gated, RELU2=name == "relu2", BLOCK=block,
+                                           num_warps=max(1, min(8, block // 256)))
     return h
+
+
+def _block(triton: Any, width: int) -> int:
+    """Columns per step: the whole row up to 2048 (Qwen3's 768, Nemotron's 1856), chunks of 2048 beyond (Mixtral's
+    14,336), so a program never holds more than a few 2048-wide fp32 vectors."""
+    return min(triton.next_power_of_2(width), 2048)
 
 
 def _check(name: str) -> None:
