@@ -85,7 +85,8 @@ def main() -> int:
                     continue
                 base = base or out
                 # bf16 outputs: largest difference in units of the reference's magnitude; d w (fp32): relative
-                diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(out, base))
+                diff = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                           for a, b in zip(out, base))
                 rows.append({"tokens": T, "act": act, "variant": name, "fwd_ms": f_ms, "bwd_ms": b_ms,
                              "max_rel_diff": diff})
                 print(f"| {T} | {act} | {name} | {f_ms:.3f} | {b_ms:.3f} | {fwd_bytes / f_ms / 1e6:.0f} | "

@@ -295,7 +295,8 @@ def kernel_profile(block, x, go, path: str) -> dict:
         gaps, idle_ms = idle_gaps(json.load(open(trace)))
     with open(path, "w") as f:
         f.write(table)
-        f.write(f"\nGPU idle between the first and last kernel: {idle_ms:.3f} ms; largest gaps (us, op launching next):\n")
+        f.write(f"\nGPU idle between the first and last kernel: {idle_ms:.3f} ms; "
+                "largest gaps (us, op launching next):\n")
         f.writelines(f"{g:10.1f}  {name}\n" for g, name in gaps[:25])
     from torch.autograd import DeviceType
 

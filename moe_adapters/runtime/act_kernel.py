@@ -5,9 +5,9 @@ Between the two grouped GEMMs of the backward sits everything elementwise: from 
 the routing weight's gradient (a dot product per row). Inductor compiles that math
 (``experts.fused_act_backward_math``) into two kernels, a reduction and a pointwise pass, each reading the inputs;
 this kernel does it in one pass, one row per program (in chunks of 2048 columns for wide experts): ``gu`` and
-``d_hu`` are read once, ``hw`` and ``d_gu`` written once. The math is the same fp32 formulas (``experts._act_f32``), rounded once. The forward is one pass under inductor
-too; as a plain kernel it skips the compiled function's guard checks on every call (host time, which a lone block
-step waits on).
+``d_hu`` are read once, ``hw`` and ``d_gu`` written once. The math is the same fp32 formulas (``experts._act_f32``),
+rounded once. The forward is one pass under inductor too; as a plain kernel it skips the compiled function's guard
+checks on every call (host time, which a lone block step waits on).
 
 Runs on CUDA when Triton imports (:func:`.compiled.use_triton`); tested on the device against the eager fp32 math
 (``tests/test_runtime_gpu.py``). Measured on an H200: ``benchmarks/gpu_act.py``.

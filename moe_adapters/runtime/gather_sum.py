@@ -59,7 +59,8 @@ def _gather_sum_kernel(src: torch.Tensor, index: torch.Tensor, out_dtype: torch.
     triton, kernel = _kernel()
     block = min(triton.next_power_of_2(H), 2048)
     grid = (R, triton.cdiv(H, block))
-    kernel[grid](src.contiguous(), index.contiguous(), out, H, K=K, BLOCK_H=block, num_warps=max(1, min(8, block // 256)))
+    warps = max(1, min(8, block // 256))
+    kernel[grid](src.contiguous(), index.contiguous(), out, H, K=K, BLOCK_H=block, num_warps=warps)
     return out
 
 
@@ -84,7 +85,8 @@ def gather_sum(
     src: torch.Tensor, index: torch.Tensor, out_dtype: torch.dtype | None = None, complete: bool = False
 ) -> torch.Tensor:
     """``[R, H]``: row ``r`` is the fp32 sum of ``src[index[r, j]]`` over ``j`` with ``index[r, j] >= 0``, in
-    `out_dtype` (``src``'s by default). ``src [N, H]``, ``index [R, K]`` integer. No autograd (see :class:`GatherSum`)."""
+    `out_dtype` (``src``'s by default). ``src [N, H]``, ``index [R, K]`` integer. No autograd (see
+    :class:`GatherSum`)."""
     out_dtype = out_dtype or src.dtype
     if use_triton(src):
         return _gather_sum_kernel(src, index, out_dtype)
