@@ -292,3 +292,12 @@ def test_compiled_activation_math_matches_autograd(act, gated):
     want_gu = torch.cat([gd.grad, ud.grad], -1) if gated else gd.grad
     assert rel(d_gu, want_gu) < 1e-6
     assert rel(d_w, wd.grad) < 1e-6
+
+
+def test_fp64_block_falls_back_from_grouped_mm():
+    """torch's CPU grouped GEMM takes fp32 / bf16 / fp16 only: an fp64 model under ``auto`` runs the loop backend
+    (it used to fail inside grouped_mm) and matches v5's fp64 block (routing weights are kept in fp32)."""
+    d, v5, ours = _v5_and_ours("qwen3_moe", backend="auto", dtype=torch.float64)
+    x = torch.randn(2, 5, d["hidden_size"], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert not ex.grouped_mm_supported(x.view(-1, x.shape[-1]), ours.routed_experts.in_proj)
+    assert rel_err(ours(x), v5.double()(x)) < 1e-6

@@ -232,6 +232,9 @@ def test_act_backward_kernel_matches_the_math(act, gated, width):
         assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
         assert bool(((a.float() - b.float()).abs() <= b.float().abs() * 2**-7 + 1e-6).all())
     assert got[3].dtype == torch.float32 and rel_err(got[3], want[3]) < 1e-5
+    nan = gu.clone()
+    nan[0, 0] = float("nan")  # a NaN gate stays NaN (torch's relu and silu keep it), it is not zeroed
+    assert bool(act_forward(act, nan, gated, w)[0, 0].isnan())
     empty = (act_forward(act, gu[:0], gated, w[:0]), *act_backward(act, gu[:0], gated, w[:0], d_hu[:0]))
     assert [t.shape[0] for t in empty] == [0, 0, 0, 0]
 

@@ -42,7 +42,7 @@ def _kernel() -> Any:
                 g = tl.load(gu + r * width + c, mask=m, other=0.0).to(tl.float32)
                 dh = tl.load(d_hu + r * I + c, mask=m, other=0.0).to(tl.float32)
                 if RELU2:
-                    rl = tl.maximum(g, 0.0)
+                    rl = tl.where(g < 0, 0.0, g)  # relu that keeps NaN, as torch's
                     s = rl * rl
                     ds = 2 * rl
                 else:
@@ -72,7 +72,7 @@ def _kernel() -> Any:
             width = 2 * I if GATED else I
             g = tl.load(gu + r * width + c, mask=m, other=0.0).to(tl.float32)
             if RELU2:
-                rl = tl.maximum(g, 0.0)
+                rl = tl.where(g < 0, 0.0, g)  # relu that keeps NaN, as torch's
                 s = rl * rl
             else:
                 s = g * tl.sigmoid(g)

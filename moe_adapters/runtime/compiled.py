@@ -49,7 +49,7 @@ def triton_available() -> bool:
             import triton.language  # noqa: F401, PLC0415
 
             _TRITON = True
-        except Exception:  # ImportError, or a Triton that cannot find its compiler
+        except Exception:  # ImportError, or a broken install (a missing compiler shows only at the first launch)
             _TRITON = False
     return _TRITON
 

@@ -183,7 +183,7 @@ class AllToAllDispatcher(_Base):
 
     def combine(self, y, handle: A2AHandle):
         back = _CombineA2A.apply(y, handle.send, handle.recv, self.group)  # rows go home: out = send, in = recv
-        # each token's partial sums, added in fp32 in rank order (one kernel on CUDA, no atomics)
+        # each token's partial sums, added in fp32 in rank order (no atomics: one Triton kernel on CUDA)
         return GatherSum.apply(back, handle.row_of, handle.token_ids, y.dtype)
 
 

@@ -253,8 +253,8 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
-    elif x.device.type != "cpu":
-        return False
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False  # the CPU kernel takes these three (an fp64 model runs the loop)
     elif x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return False  # torch.compile's fake kernel for grouped_mm accepts bf16 only (eager CPU takes fp32 too)
     size = x.element_size()
@@ -484,8 +484,14 @@ def fused_act_backward_math(
     return (a * wf).to(g.dtype), d_gu.to(g.dtype), d_w
 
 
-def use_fused_act(gu: torch.Tensor, act: str, fold: bool) -> bool:
-    return bool(fold and act in FUSABLE_ACTS and use_compiled(gu))
+def fused_act_path(gu: torch.Tensor, act: str, fold: bool) -> str | None:
+    """How the folded activation runs: ``"triton"`` (one hand-written kernel each way), ``"compiled"`` (inductor),
+    or None (eager ops: CPU, an activation without a fused form, or the weight not folded in)."""
+    if not (fold and act in FUSABLE_ACTS):
+        return None
+    if use_triton(gu):
+        return "triton"
+    return "compiled" if use_compiled(gu) else None
 
 
 class _ActDownCombine(torch.autograd.Function):
@@ -501,9 +507,10 @@ class _ActDownCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gu, w_slot, w_down, rows, inv, offs, num_rows: int, k: int, act: str, gated: bool, out_dtype, fold: bool):  # type: ignore[override]
         g, u = gu.chunk(2, dim=-1) if gated else (gu, None)
-        if use_fused_act(gu, act, fold) and use_triton(gu):
+        path = fused_act_path(gu, act, fold)
+        if path == "triton":
             h = act_forward(act, gu, gated, w_slot)
-        elif use_fused_act(gu, act, fold):
+        elif path == "compiled":
             h = compiled(fused_act_forward_math)(act, g, u, w_slot)
         else:
             h = act_mul_forward(act, g, u, w_slot if fold else None)
@@ -526,8 +533,9 @@ class _ActDownCombine(torch.autograd.Function):
         g, u = gu.chunk(2, dim=-1) if gated else (gu, None)
         d_rows = d_out.to(w_down.dtype).contiguous().index_select(0, rows)  # unpermute's backward: one gather
         d_hu = _gmm(d_rows, w_down, offs) if (need_gu or need_w) else None  # _grouped_mm_mat1_backward, row-major
-        if d_hu is not None and use_fused_act(gu, act, ctx.fold) and w_slot.dtype == torch.float32:
-            if use_triton(gu):  # one pass (inductor makes two of it: the per-row dot, then the rest)
+        path = fused_act_path(gu, act, ctx.fold) if d_hu is not None and w_slot.dtype == torch.float32 else None
+        if path is not None:
+            if path == "triton":  # one pass (inductor makes two of it: the per-row dot, then the rest)
                 hw, d_gu, d_w = act_backward(act, gu, gated, w_slot, d_hu)
             else:
                 hw, d_gu, d_w = compiled(fused_act_backward_math)(act, g, u, w_slot, d_hu)

@@ -10,7 +10,7 @@ the output), or, once slots are dropped, as an fp32 ``index_add`` with atomics (
 scattered adds in no fixed order). On CUDA with Triton importable, one kernel reads each valid source row once,
 adds in fp32 in ``j`` order and writes the output once; masked loads skip the ``-1`` slots, so dropped slots cost no
 memory traffic. Anywhere else the torch code below computes the same sum in the same order (for dropped slots;
-where every slot is present torch's own reduction over ``k``).
+where every slot is present, torch's own reduction over ``k``); neither uses atomics, so both are deterministic.
 
 The kernel runs only on CUDA: CI has no GPU, so it is tested on the device (``tests/test_runtime_gpu.py``, bitwise
 against a per-slot fp32 loop). ``MOE_ADAPTERS_NO_TRITON=1`` turns it off. Measured on an H200
@@ -74,10 +74,10 @@ def gather_sum_reference(
         if K == 1:
             return src.index_select(0, index.reshape(-1)).to(out_dtype)
         return src.index_select(0, index.reshape(-1)).view(R, K, H).sum(1, dtype=torch.float32).to(out_dtype)
-    flat = index.reshape(-1)
-    valid = (flat >= 0).nonzero().squeeze(1)  # slot order: row-major, so each row's slots are added in j order
     acc = torch.zeros(R, H, dtype=torch.float32, device=src.device)
-    acc.index_add_(0, torch.div(valid, K, rounding_mode="floor"), src.index_select(0, flat[valid]).float())
+    for j in range(K):  # j order, as the kernel adds (no atomics, so deterministic on any device)
+        col = index[:, j]
+        acc += torch.where((col >= 0).unsqueeze(1), src.index_select(0, col.clamp(min=0)).float(), 0.0)
     return acc.to(out_dtype)
 
 
