@@ -5,10 +5,11 @@
 #   STEPS="train scaling report" bash benchmarks/gpu_all.sh         # some steps
 #
 # Steps (each is skipped, saying why, when the machine or the optional packages cannot run it):
-#   train    2+ GPUs: Qwen3-30B-A3B at full depth (LAYERS, 48), seq 4096 x BATCH per GPU, fwd+bwd+AdamW: ours (EP=GPUs,
-#            all_to_all) against transformers v5's DistributedConfig(fsdp_size) and (fsdp_size, ep_size, all_to_all)
+#   train    2+ GPUs: Qwen3-30B-A3B at LAYERS (48, full depth, on 4+ GPUs; 24 on 2), seq 4096 x BATCH per GPU,
+#            fwd+bwd+AdamW: ours (EP=GPUs, all_to_all) against transformers v5's DistributedConfig(fsdp_size) and
+#            (fsdp_size, ep_size, all_to_all)
 #   scaling  2+ GPUs: ours at EP=1 (one GPU) and EP=GPUs at SCALING_LAYERS (12) layers: per-GPU tokens/s ratio
-#   deepep   2+ GPUs, deep_ep importable: ours at full depth with the DeepEP dispatcher
+#   deepep   2+ GPUs, deep_ep importable: ours at LAYERS with the DeepEP dispatcher
 #   eager    2+ GPUs: v5 FSDP with experts_implementation="eager" (slow: 2 timed steps)
 #   single   1+ GPUs: one GPU, SINGLE_LAYERS (12) layers: ours (EP=1), ours with v5's norms and loss (--no-lean), and
 #            v5 (grouped_mm); then ours --no-lean and v5 again with foreach AdamW (the optimizer of earlier runs)
@@ -18,7 +19,6 @@
 #   tests    the CUDA tests (bf16 equivalence for every family and backend, NCCL EP, DeepEP vs all_to_all)
 #   report   one table of every training result (ratios against the issue's targets)
 # A CPU dry run of the training steps (gloo): GPUS=2 CONFIG=tiny.json SEQ=64 STEPS="train scaling eager report".
-# On 2 GPUs the 48-layer step does not fit every setup: LAYERS=24.
 # Random checkpoints go to CKPT_DIR (default /tmp; 61 GB at 48 layers). Results: $OUT/*.json, *.md, tests.log.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ mkdir -p "$OUT"
 export OUT NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 GPUS=${GPUS:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
 CKPT_DIR=${CKPT_DIR:-/tmp}
-LAYERS=${LAYERS:-48}
+LAYERS=${LAYERS:-$([ "$GPUS" -ge 4 ] && echo 48 || echo 24)}  # full depth on 4+ GPUs; on 2 every setup fits at 24
 SCALING_LAYERS=${SCALING_LAYERS:-12}
 SINGLE_LAYERS=${SINGLE_LAYERS:-12}
 BATCH=${BATCH:-2}

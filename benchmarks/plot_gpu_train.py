@@ -1,7 +1,9 @@
-"""Bar chart of per-GPU training tokens/s and peak memory by setup from gpu_train.py result JSONs (PNG for the docs).
+"""Bar chart of per-GPU training tokens/s and peak memory by setup from gpu_train.py result JSONs (PNG for the docs):
+the multi-GPU runs at the deepest depth found.
 
     python benchmarks/plot_gpu_train.py docs/gpu_train_tokens.png docs/results/gpu_train_h200x4_batch2_2026-11-28.json \
         docs/results/gpu_train_h200x4_batch1_2026-11-28.json
+    python benchmarks/plot_gpu_train.py docs/gpu_train_tokens_x2.png docs/results/gpu_train_h200x2_L24_2026-11-29.json
 """
 
 from __future__ import annotations
@@ -16,20 +18,20 @@ def main(dst: str, *sources: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = []  # (label, tok/s/GPU, peak GiB) for the full-depth multi-GPU runs
+    results = []
     for src in sources:
         with open(src) as f:
-            data = json.load(f)
-        for r in data["results"]:
-            if r.get("error") or r.get("world", 1) < 2 or r.get("layers") != 48:
-                continue
-            runs.append((f"{r['setup']}\nbatch {r['batch']}", r["tok_s_per_gpu"], r["peak_gib_per_gpu"]))
+            results += [r for r in json.load(f)["results"] if not r.get("error") and r.get("world", 1) >= 2]
+    layers = max(r["layers"] for r in results)  # the deepest multi-GPU runs (the scaling runs are shallower)
+    chosen = [r for r in results if r["layers"] == layers]
+    runs = [(f"{r['setup']}\nbatch {r['batch']}", r["tok_s_per_gpu"], r["peak_gib_per_gpu"]) for r in chosen]
+    gpus = "/".join(str(w) for w in sorted({r["world"] for r in chosen}))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     labels = [r[0] for r in runs]
     colors = ["tab:green" if lab.startswith("ours") else "tab:gray" for lab in labels]
     a.bar(labels, [r[1] for r in runs], color=colors)
     a.set_ylabel("tokens/s per GPU")
-    a.set_title("Qwen3-30B-A3B, 48 layers, seq 4096, fwd+bwd+AdamW, 4x H200")
+    a.set_title(f"Qwen3-30B-A3B, {layers} layers, seq 4096, fwd+bwd+AdamW, {gpus}x H200")
     b.bar(labels, [r[2] for r in runs], color=colors)
     b.set_ylabel("peak GiB per GPU")
     for ax in (a, b):
