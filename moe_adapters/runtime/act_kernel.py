@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .compiled import triton_warps
+
 _KERNEL: Any = None
 KERNEL_ACTS = ("silu", "swish", "relu2")
 
@@ -99,7 +101,7 @@ def act_backward(
         triton, _, kernel = _kernel()
         block = _block(triton, I)
         kernel[(N,)](gu, w, d_hu, hw, d_gu, d_w, I, GATED=gated, RELU2=name == "relu2", BLOCK=block,
-                     num_warps=max(1, min(8, block // 256)))
+                     num_warps=triton_warps(block))
     return hw, d_gu, d_w
 
 
@@ -115,7 +117,7 @@ def act_forward(name: str, gu: torch.Tensor, gated: bool, w: torch.Tensor) -> to
         triton, kernel, _ = _kernel()
         block = _block(triton, I)
         kernel[(N, triton.cdiv(I, block))](gu, w, h, I, GATED=gated, RELU2=name == "relu2", BLOCK=block,
-                                           num_warps=max(1, min(8, block // 256)))
+                                           num_warps=triton_warps(block))
     return h
 
 

@@ -59,6 +59,12 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and not os.environ.get("MOE_ADAPTERS_NO_TRITON") and triton_available()
 
 
+def triton_warps(block: int) -> int:
+    """Warps for a Triton program over ``block`` columns: 256 columns (8 bf16 per thread, 16-byte loads) per warp,
+    1 to 8."""
+    return max(1, min(8, block // 256))
+
+
 def use_compiled(t: torch.Tensor) -> bool:
     """Compile for CUDA tensors unless ``MOE_ADAPTERS_NO_COMPILE`` is set (CPU runs the plain functions)."""
     return t.is_cuda and not os.environ.get("MOE_ADAPTERS_NO_COMPILE")

@@ -505,7 +505,9 @@ class _ActDownCombine(torch.autograd.Function):
     a>``, ``d W_down = sum d_row (w a)^T``: no ``[N, H]`` expert output is kept or recomputed."""
 
     @staticmethod
-    def forward(ctx, gu, w_slot, w_down, rows, inv, offs, num_rows: int, k: int, act: str, gated: bool, out_dtype, fold: bool):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, gu, w_slot, w_down, rows, inv, offs, num_rows: int, k: int, act: str, gated: bool, out_dtype, fold: bool
+    ):
         g, u = gu.chunk(2, dim=-1) if gated else (gu, None)
         path = fused_act_path(gu, act, fold)
         if path == "triton":
@@ -546,7 +548,10 @@ class _ActDownCombine(torch.autograd.Function):
         d_w = None
         if need_w:  # fp32 path: the dot in fp64, so the router gradient is as exact as v5's
             acc = torch.float64 if d_hu.dtype == torch.float32 else torch.float32
-            d_w = (d_hu.to(acc) * a).sum(-1, dtype=acc).float() if acc == torch.float64 else (d_hu * a).sum(-1, dtype=acc)
+            if acc == torch.float64:
+                d_w = (d_hu.to(acc) * a).sum(-1, dtype=acc).float()
+            else:
+                d_w = (d_hu * a).sum(-1, dtype=acc)
         d_down = None
         if need_down:
             hw = _mul_rounded(a, w_slot)

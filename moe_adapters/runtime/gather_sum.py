@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .compiled import use_triton
+from .compiled import triton_warps, use_triton
 
 _KERNEL: Any = None
 
@@ -59,8 +59,7 @@ def _gather_sum_kernel(src: torch.Tensor, index: torch.Tensor, out_dtype: torch.
     triton, kernel = _kernel()
     block = min(triton.next_power_of_2(H), 2048)
     grid = (R, triton.cdiv(H, block))
-    warps = max(1, min(8, block // 256))
-    kernel[grid](src.contiguous(), index.contiguous(), out, H, K=K, BLOCK_H=block, num_warps=warps)
+    kernel[grid](src.contiguous(), index.contiguous(), out, H, K=K, BLOCK_H=block, num_warps=triton_warps(block))
     return out
 
 

@@ -74,8 +74,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     incoming gradient (1) leaves them as they are."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,  # type: ignore[override]
-                chunk: int, denom: torch.Tensor) -> torch.Tensor:
+    def forward(  # type: ignore[override]
+        ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int, chunk: int,
+        denom: torch.Tensor,
+    ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with_grad = need_h or need_w
         step = compiled(cross_entropy_chunk_math) if use_compiled(h) else cross_entropy_chunk_math

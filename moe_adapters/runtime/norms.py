@@ -106,8 +106,8 @@ def _fused_class(cls: type) -> type:
 def matches_rms_norm(module: nn.Module) -> bool:
     """True when ``module(x)`` is bitwise :func:`rms_norm_forward_math` on probe inputs, for a copy of the module with
     random weights in fp32 and in bf16 (a model may be cast after loading, and some formulas agree in fp32 only, e.g.
-    gpt-oss's and Nemotron-H's ``(w * x).to(dtype)``), so swapping its forward changes no output. A norm with other parameters, buffers or
-    children, another formula, or a forward that needs more arguments, is not one."""
+    gpt-oss's and Nemotron-H's ``(w * x).to(dtype)``), so swapping its forward changes no output. A norm with other
+    parameters, buffers or children, another formula, or a forward that needs more arguments, is not one."""
     w = getattr(module, "weight", None)
     eps = _eps_of(module)
     if (not isinstance(w, nn.Parameter) or w.dim() != 1 or w.is_meta or eps is None or list(module.children())
